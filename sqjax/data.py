@@ -1,0 +1,282 @@
+"""Corpora (Kaldi data dirs and VoxCeleb trees), trial lists and audio loading.
+
+A corpus is a sorted list of utterances with their audio path and speaker. Utterance ids
+are what trial lists refer to: the wav.scp key for a Kaldi dir, and the path relative to
+the root (``id10270/5r0dWxy17C8/00001.wav``) for a VoxCeleb tree, as in the official lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from collections.abc import Iterable
+
+import librosa
+import numpy as np
+import soundfile as sf
+
+AUDIO_EXTENSIONS = (".wav", ".flac")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and line) at fault and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """One entry per utterance, sorted by utterance id."""
+
+    utts: tuple[str, ...]
+    paths: tuple[str, ...]
+    speakers: tuple[str, ...]
+
+    def __post_init__(self):
+        if not len(self.utts) == len(self.paths) == len(self.speakers):
+            raise ValueError(
+                f"Corpus fields must have equal lengths, got {len(self.utts)} "
+                f"utts, {len(self.paths)} paths, {len(self.speakers)} speakers"
+            )
+
+    def __len__(self) -> int:
+        return len(self.utts)
+
+    def speaker_ids(self) -> tuple[list[str], np.ndarray]:
+        """(sorted unique speakers, (n_utts,) int index of each utterance's speaker)."""
+        names, index = np.unique(np.asarray(self.speakers, dtype=str), return_inverse=True)
+        return names.tolist(), index.astype(np.int64)
+
+    def subset(self, utts: Iterable[str]) -> Corpus:
+        """The corpus restricted to ``utts`` (still sorted by id; duplicates ignored)."""
+        position = {u: i for i, u in enumerate(self.utts)}
+        wanted = sorted(set(utts))
+        missing = [u for u in wanted if u not in position]
+        if missing:
+            raise ValueError(
+                f"subset: {len(missing)} utterances are not in the corpus, e.g. "
+                f"{missing[:3]}; pass ids from corpus.utts"
+            )
+        idx = [position[u] for u in wanted]
+        return Corpus(
+            tuple(self.utts[i] for i in idx),
+            tuple(self.paths[i] for i in idx),
+            tuple(self.speakers[i] for i in idx),
+        )
+
+
+def _make_corpus(entries: dict[str, tuple[str, str]]) -> Corpus:
+    """Corpus from {utt: (path, speaker)}, sorted by utt."""
+    utts = tuple(sorted(entries))
+    return Corpus(utts, tuple(entries[u][0] for u in utts), tuple(entries[u][1] for u in utts))
+
+
+def _read_table(path: str, what: str) -> dict[str, tuple[str, int]]:
+    """Reads a Kaldi table ``key value...``: {key: (rest of the line, line number)}."""
+    table: dict[str, tuple[str, int]] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.strip().split(maxsplit=1)
+            if len(parts) != 2:
+                raise DataError(
+                    f"{path}:{lineno}: expected '{what}', got {line.strip()!r}; "
+                    f"fix or remove that line"
+                )
+            key, value = parts
+            if key in table:
+                raise DataError(
+                    f"{path}:{lineno}: duplicate utterance id {key!r} (first on "
+                    f"line {table[key][1]}); utterance ids must be unique"
+                )
+            table[key] = (value.strip(), lineno)
+    return table
+
+
+def read_kaldi_dir(path: str | os.PathLike) -> Corpus:
+    """Reads a Kaldi data dir: ``wav.scp`` (``utt path``) and ``utt2spk`` (``utt speaker``).
+
+    Relative audio paths are resolved against the data dir itself (not the working
+    directory, as Kaldi would), so a data dir can be moved with its audio. Piped commands
+    and archive offsets are not supported.
+    """
+    path = os.fspath(path)
+    wav_scp, utt2spk = os.path.join(path, "wav.scp"), os.path.join(path, "utt2spk")
+    if not os.path.isfile(wav_scp):
+        raise DataError(
+            f"{wav_scp}: not found; a Kaldi data dir needs wav.scp ('<utt> <path>' per line)"
+        )
+    if not os.path.isfile(utt2spk):
+        raise DataError(
+            f"{utt2spk}: not found; create it with one '<utt> <speaker>' line per "
+            f"utterance of {wav_scp}"
+        )
+    wavs = _read_table(wav_scp, "<utt> <path>")
+    spks = _read_table(utt2spk, "<utt> <speaker>")
+    entries = {}
+    for utt, (audio, lineno) in wavs.items():
+        if audio.endswith("|"):
+            raise DataError(
+                f"{wav_scp}:{lineno}: piped command {audio!r} is not supported; "
+                f"write the audio to files (e.g. with sox or ffmpeg) and list "
+                f"their paths"
+            )
+        if utt not in spks:
+            raise DataError(
+                f"{wav_scp}:{lineno}: utterance {utt!r} has no speaker in "
+                f"{utt2spk}; add it there or remove it from wav.scp"
+            )
+        speaker, spk_line = spks[utt]
+        if len(speaker.split()) != 1:
+            raise DataError(
+                f"{utt2spk}:{spk_line}: expected '<utt> <speaker>', got "
+                f"{utt} {speaker!r}; speaker ids cannot contain spaces"
+            )
+        # join() keeps absolute paths; abspath so a later chdir cannot break them.
+        entries[utt] = (os.path.abspath(os.path.join(path, audio)), speaker)
+    for utt, (_, lineno) in spks.items():
+        if utt not in wavs:
+            raise DataError(
+                f"{utt2spk}:{lineno}: utterance {utt!r} is not in {wav_scp}; "
+                f"add its audio there or remove it from utt2spk"
+            )
+    if not entries:
+        raise DataError(f"{wav_scp}: no utterances; list one '<utt> <path>' per line")
+    return _make_corpus(entries)
+
+
+def read_voxceleb_dir(root: str | os.PathLike) -> Corpus:
+    """Reads a VoxCeleb tree ``root/<speaker>/<video>/<utt>.wav`` (or ``.flac``).
+
+    Utterance id = the path relative to root with ``/`` separators; speaker = its first
+    component.
+    """
+    root = os.path.abspath(os.fspath(root))
+    files = glob.glob(os.path.join(glob.escape(root), "*", "*", "*"))
+    entries = {}
+    for f in files:
+        if f.lower().endswith(AUDIO_EXTENSIONS) and os.path.isfile(f):
+            utt = os.path.relpath(f, root).replace(os.sep, "/")
+            entries[utt] = (f, utt.split("/", 1)[0])
+    if not entries:
+        hint = ""
+        if any(f.lower().endswith(".m4a") for f in files):
+            hint = " It holds .m4a files (VoxCeleb2): convert them to .wav first (e.g. ffmpeg)."
+        raise DataError(
+            f"{root}: no .wav or .flac files at <speaker>/<video>/<utt> depth; "
+            f"point to the VoxCeleb root (the folder holding the id* folders) or "
+            f"to a Kaldi data dir with wav.scp.{hint}"
+        )
+    return _make_corpus(entries)
+
+
+def read_corpus(path: str | os.PathLike) -> Corpus:
+    """A Kaldi data dir if ``path/wav.scp`` exists, else a VoxCeleb tree."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        what = "not a directory" if os.path.exists(path) else "does not exist"
+        raise DataError(
+            f"{path}: {what}; pass a Kaldi data dir (with wav.scp and utt2spk) or a VoxCeleb root"
+        )
+    if os.path.exists(os.path.join(path, "wav.scp")):
+        return read_kaldi_dir(path)
+    return read_voxceleb_dir(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trials:
+    """A trial list: ``(n,)`` arrays of enrollment and test utterance ids, bool labels."""
+
+    enroll: np.ndarray
+    test: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if not len(self.enroll) == len(self.test) == len(self.labels):
+            raise ValueError(
+                f"Trials fields must have equal lengths, got {len(self.enroll)}, "
+                f"{len(self.test)}, {len(self.labels)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+_KALDI_LABELS = {"target": True, "nontarget": False}
+_VOX_LABELS = {"1": True, "0": False}
+
+
+def read_trials(path: str | os.PathLike, corpus: Corpus | None = None) -> Trials:
+    """Reads a trial list, VoxCeleb (``1 enroll test``) or Kaldi (``enroll test target``).
+
+    The format is detected per line; blank lines are skipped. With ``corpus``, every
+    utterance must be in it.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: trial list not found; check the path")
+    known = set(corpus.utts) if corpus is not None else None
+    enroll, test, labels = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            # Kaldi first: a VoxCeleb test id is never the word 'target'/'nontarget'.
+            if len(parts) == 3 and parts[2] in _KALDI_LABELS:
+                e, t, label = parts[0], parts[1], _KALDI_LABELS[parts[2]]
+            elif len(parts) == 3 and parts[0] in _VOX_LABELS:
+                e, t, label = parts[1], parts[2], _VOX_LABELS[parts[0]]
+            else:
+                raise DataError(
+                    f"{path}:{lineno}: expected '<0|1> <enroll> <test>' (VoxCeleb) "
+                    f"or '<enroll> <test> <target|nontarget>' (Kaldi), got "
+                    f"{line.strip()!r}"
+                )
+            if known is not None:
+                for utt in (e, t):
+                    if utt not in known:
+                        raise DataError(
+                            f"{path}:{lineno}: utterance {utt!r} is not in the "
+                            f"corpus ({len(known)} utterances); the data dir may "
+                            f"not match this trial list"
+                        )
+            enroll.append(e)
+            test.append(t)
+            labels.append(label)
+    if not labels:
+        raise DataError(f"{path}: no trials; the file is empty")
+    return Trials(np.asarray(enroll), np.asarray(test), np.asarray(labels, dtype=bool))
+
+
+def load_audio(
+    path: str | os.PathLike, sample_rate: int = 16000, min_seconds: float = 0.0
+) -> np.ndarray:
+    """Reads an audio file as float32 mono at ``sample_rate``: shape (samples,).
+
+    Channels are averaged; other rates are resampled with librosa (soxr_hq).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: audio file not found; check the corpus paths")
+    try:
+        wave, sr = sf.read(path, dtype="float32", always_2d=True)
+    except (RuntimeError, OSError, TypeError) as err:  # libsndfile: not audio / truncated
+        raise DataError(
+            f"{path}: cannot read audio ({err}); the file is corrupt or not "
+            f"WAV/FLAC: re-convert or remove it"
+        ) from err
+    if wave.shape[0] == 0:
+        raise DataError(f"{path}: empty audio (0 samples); remove it from the corpus")
+    wave = wave.mean(axis=1, dtype=np.float32)
+    if not np.isfinite(wave).all():
+        raise DataError(f"{path}: audio holds NaN or inf samples; re-convert it")
+    if sr != sample_rate:
+        wave = librosa.resample(wave, orig_sr=sr, target_sr=sample_rate, res_type="soxr_hq")
+    seconds = len(wave) / sample_rate
+    if seconds < min_seconds:
+        raise DataError(
+            f"{path}: {seconds:.3f} s of audio, shorter than min_seconds="
+            f"{min_seconds}; drop short utterances or lower min_seconds"
+        )
+    return wave.astype(np.float32, copy=False)

@@ -1,0 +1,114 @@
+import json
+import os
+import re
+
+import librosa
+import numpy as np
+import pytest
+import soundfile as sf
+
+from sqjax import data, features
+from sqjax.data import DataError
+
+
+def _wave(seconds=1.0, sr=16000, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    x = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 3100 * t)
+    return (x + 0.05 * rng.normal(size=t.size)).astype(np.float32)
+
+
+def _reference_logmel(wave, sr=16000, n_mels=80):
+    # Frame t = 512 samples from t * 160 with a periodic Hann of 400 centred in it
+    # (offset 56), i.e. 400 windowed samples from t * 160 + 56, zero-padded to 512.
+    n_fft, win, hop = 512, 400, 160
+    offset = (n_fft - win) // 2
+    n_frames = 1 + (len(wave) - n_fft) // hop
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win) / win)
+    idx = offset + hop * np.arange(n_frames)[:, None] + np.arange(win)[None, :]
+    frames = wave.astype(np.float64)[idx] * hann
+    power = np.abs(np.fft.rfft(frames, n=n_fft, axis=1)) ** 2  # (frames, 257)
+    mel_basis = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels)  # (n_mels, 257)
+    return np.log(power @ mel_basis.T + 1e-6)
+
+
+@pytest.mark.parametrize("n", [512, 16000, 16159, 16160, 24321])
+def test_logmel_shape(n):
+    feats = features.logmel(_wave(seconds=n / 16000))
+    assert feats.shape == (1 + (n - 512) // 160, 80) and feats.dtype == np.float32
+
+
+def test_logmel_matches_numpy_reference():
+    wave = _wave(seconds=1.3)
+    ref = _reference_logmel(wave)
+    np.testing.assert_allclose(features.logmel(wave, mean_norm=False), ref, atol=2e-3)
+    np.testing.assert_allclose(
+        features.logmel(wave, n_mels=40, mean_norm=False),
+        _reference_logmel(wave, n_mels=40),
+        atol=2e-3,
+    )
+    normed = features.logmel(wave)
+    np.testing.assert_allclose(normed, ref - ref.mean(axis=0), atol=2e-3)
+    np.testing.assert_allclose(normed.mean(axis=0), 0.0, atol=1e-4)
+
+
+def test_logmel_rejects_bad_waves():
+    with pytest.raises(ValueError, match=r"wave must be 1-D"):
+        features.logmel(np.zeros((2, 16000)))
+    with pytest.raises(ValueError, match=r"wave has 300 samples, fewer than one frame"):
+        features.logmel(np.zeros(300))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    lengths = {"spkA/u1": 0.5, "spkA/u2": 0.8, "spkB/u1": 1.1}
+    for i, sec in enumerate(lengths.values()):
+        sf.write(d / f"{i}.wav", _wave(sec, seed=i), 16000, subtype="FLOAT")
+    (d / "wav.scp").write_text("".join(f"{u} {i}.wav\n" for i, u in enumerate(lengths)))
+    (d / "utt2spk").write_text("".join(f"{u} {u.split('/')[0]}\n" for u in lengths))
+    return data.read_kaldi_dir(d)
+
+
+def test_extract_features_order_and_values(corpus):
+    feats = features.extract_features(corpus, progress=False)
+    assert [f.shape[0] for f in feats] == [1 + (n - 512) // 160 for n in (8000, 12800, 17600)]
+    for f, path in zip(feats, corpus.paths, strict=True):
+        np.testing.assert_array_equal(f, features.logmel(data.load_audio(path)))
+
+
+def test_cache_round_trip_without_recomputing(corpus, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = features.extract_features(corpus, cache_dir=cache, progress=False)
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["n_mels"] == 80 and meta["mean_norm"] is True and meta["sample_rate"] == 16000
+    npys = [os.path.join(r, f) for r, _, fs in os.walk(cache) for f in fs if f.endswith(".npy")]
+    assert len(npys) == len(corpus)
+    assert not [f for _, _, fs in os.walk(cache) for f in fs if f.endswith(".tmp")]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("audio was decoded although features are cached")
+
+    monkeypatch.setattr(features, "load_audio", fail)
+    second = features.extract_features(corpus, cache_dir=cache, progress=False)
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Other parameters: refused, not silently mixed.
+    with pytest.raises(DataError, match=rf"{re.escape(str(cache / 'meta.json'))}: .*n_mels"):
+        features.extract_features(corpus, cache_dir=cache, n_mels=40, progress=False)
+    # A stricter min_seconds still applies to cached utterances.
+    with pytest.raises(DataError, match=r"shorter than min_seconds=0.6"):
+        features.extract_features(corpus, cache_dir=cache, min_seconds=0.6, progress=False)
+
+
+def test_workers_give_the_same_features(corpus):
+    serial = features.extract_features(corpus, progress=False)
+    parallel = features.extract_features(corpus, workers=2, progress=False)
+    for a, b in zip(serial, parallel, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_errors_in_workers_name_the_file(corpus):
+    with pytest.raises(DataError, match=r"0\.wav: 0\.500 s of audio, shorter than min_seconds"):
+        features.extract_features(corpus, min_seconds=0.6, workers=2, progress=False)
