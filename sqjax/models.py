@@ -1,0 +1,260 @@
+"""ResNet speaker encoders (WeSpeaker/BUT geometry) and the AAM-softmax training head.
+
+Layout: features (batch, frames, n_mels) become an NHWC image (batch, n_mels, frames, 1),
+i.e. H = frequency and W = time, the same orientation as WeSpeaker's (B, 1, F, T), so a
+PyTorch checkpoint maps onto these parameters by transposing kernels only.
+
+Every layer has an explicit name, so parameter paths are stable and can be matched by regex:
+``stem_conv/kernel``, ``stem_bn/scale``, ``layer2_0/conv1/kernel``,
+``layer2_0/shortcut_conv/kernel``, ``embedding/kernel``, ``embedding/bias``.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+# Explicit symmetric padding reproduces PyTorch's padding=1 also for stride 2 ('SAME' would
+# pad (0, 1) there and shift the sampling grid by one pixel).
+_PAD3 = ((1, 1), (1, 1))
+# Added to the variance before the square root in statistics pooling: keeps the std and its
+# gradient finite when a channel is constant over time (e.g. one frame after striding).
+# WeSpeaker uses the unbiased variance + 1e-8; we use the biased variance + 1e-5 (ours).
+POOL_EPS = 1e-5
+
+
+def _bn(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
+    # PyTorch BatchNorm defaults (its momentum 0.1 is 0.9 here), as in WeSpeaker.
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=_PAD3 if kernel == 3 else "VALID",
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+class BasicBlock(nn.Module):
+    """3x3-BN-ReLU-3x3-BN + shortcut, ReLU. Output channels: ``planes``."""
+
+    planes: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        d = self.dtype
+        y = nn.relu(_bn(train, "bn1", d)(_conv(self.planes, 3, self.stride, "conv1", d)(x)))
+        y = _bn(train, "bn2", d)(_conv(self.planes, 3, 1, "conv2", d)(y))
+        return nn.relu(y + _shortcut(x, self.planes, self.stride, train, d))
+
+
+class Bottleneck(nn.Module):
+    """1x1-BN-ReLU-3x3(stride)-BN-ReLU-1x1(4x)-BN + shortcut, ReLU. Output: 4 * ``planes``."""
+
+    planes: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        d, out = self.dtype, self.expansion * self.planes
+        y = nn.relu(_bn(train, "bn1", d)(_conv(self.planes, 1, 1, "conv1", d)(x)))
+        y = nn.relu(_bn(train, "bn2", d)(_conv(self.planes, 3, self.stride, "conv2", d)(y)))
+        y = _bn(train, "bn3", d)(_conv(out, 1, 1, "conv3", d)(y))
+        return nn.relu(y + _shortcut(x, out, self.stride, train, d))
+
+
+def _shortcut(x: jax.Array, out: int, stride: int, train: bool, dtype: Any) -> jax.Array:
+    """Identity, or 1x1 conv (stride s, no bias) + BN when the shape changes.
+
+    Called inside a block's compact __call__, so the layers belong to that block.
+    """
+    if stride == 1 and x.shape[-1] == out:
+        return x
+    return _bn(train, "shortcut_bn", dtype)(_conv(out, 1, stride, "shortcut_conv", dtype)(x))
+
+
+_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class ResNet(nn.Module):
+    """ResNet speaker encoder: (batch, frames, n_mels) -> (batch, embed_dim) float32.
+
+    Stem 3x3 conv (``width`` channels) + BN + ReLU; four stages of widths w, 2w, 4w, 8w
+    (x4 for bottleneck blocks) with strides 1/2/2/2 on frequency and time; temporal
+    statistics pooling (mean and std over time of the frequency x channel map); one Dense.
+    ``dtype`` is the computation dtype of the convolutional trunk (params stay float32);
+    pooling and the embedding layer always run in float32.
+    """
+
+    stage_sizes: Sequence[int]
+    block: str = "basic"
+    width: int = 32
+    embed_dim: int = 256
+    n_mels: int = 80
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.block not in _BLOCKS:
+            raise ValueError(f"ResNet.block={self.block!r}; expected one of {list(_BLOCKS)}")
+        if x.ndim != 3 or x.shape[-1] != self.n_mels:
+            raise ValueError(
+                f"ResNet expects (batch, frames, {self.n_mels}) features, "
+                f"got shape {x.shape}; set n_mels to match the features"
+            )
+        block_cls = _BLOCKS[self.block]
+        x = jnp.transpose(x, (0, 2, 1))[..., None].astype(self.dtype)  # (B, F, T, 1)
+        x = _conv(self.width, 3, 1, "stem_conv", self.dtype)(x)
+        x = nn.relu(_bn(train, "stem_bn", self.dtype)(x))
+        for i, n_blocks in enumerate(self.stage_sizes):
+            for j in range(n_blocks):
+                stride = 2 if i > 0 and j == 0 else 1
+                x = block_cls(self.width * 2**i, stride, self.dtype, name=f"layer{i + 1}_{j}")(
+                    x, train
+                )
+        # (B, F', T', C) -> (B, T', C * F'), channel-major like WeSpeaker's flatten of (C, F').
+        b, f, t, c = x.shape
+        x = jnp.transpose(x, (0, 2, 3, 1)).reshape(b, t, c * f).astype(jnp.float32)
+        mean = jnp.mean(x, axis=1)
+        std = jnp.sqrt(jnp.mean(jnp.square(x - mean[:, None, :]), axis=1) + POOL_EPS)
+        stats = jnp.concatenate([mean, std], axis=-1)  # (B, 2 * C * F')
+        return nn.Dense(self.embed_dim, dtype=jnp.float32, name="embedding")(stats)
+
+
+PRESETS: dict[str, dict] = {
+    "resnet34": {"stage_sizes": (3, 4, 6, 3), "block": "basic"},
+    "resnet36": {"stage_sizes": (3, 4, 7, 3), "block": "basic"},
+    "resnet200": {"stage_sizes": (3, 24, 36, 3), "block": "bottleneck"},
+    "resnet221": {"stage_sizes": (6, 16, 48, 3), "block": "bottleneck"},
+    "resnet293": {"stage_sizes": (10, 20, 64, 3), "block": "bottleneck"},
+    # Small presets (ours) for CPU demos and tests.
+    "resnet_demo": {"stage_sizes": (2, 2, 2, 2), "block": "basic", "width": 16},
+    "resnet_tiny": {"stage_sizes": (1, 1, 1, 1), "block": "basic", "width": 4, "embed_dim": 32},
+}
+
+
+def build_encoder(name: str, **overrides: Any) -> ResNet:
+    """Returns the preset encoder ``name`` with fields replaced by ``overrides``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown encoder preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ResNet(**{**PRESETS[name], **overrides})
+
+
+def _abstract_init(module: nn.Module, n_frames: int, n_mels: int | None):
+    n_mels = getattr(module, "n_mels", 80) if n_mels is None else n_mels
+    x = jax.ShapeDtypeStruct((1, n_frames, n_mels), jnp.float32)
+    # A fresh closure per call: eval_shape must trace (and run interceptors) every time.
+    return jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x)
+
+
+def count_params(module: nn.Module, n_frames: int = 200, n_mels: int | None = None) -> int:
+    """Number of trainable parameters ('params' collection, BN scale/bias included).
+
+    Uses ``jax.eval_shape``, so no parameter memory is allocated. ``n_mels`` defaults to
+    ``module.n_mels``; the count does not depend on ``n_frames``.
+    """
+    variables = _abstract_init(module, n_frames, n_mels)
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(variables["params"]))
+
+
+def encoder_macs_by_layer(module: nn.Module, n_frames: int = 200) -> dict[str, int]:
+    """Multiply-accumulates of each Conv / Dense layer for one utterance of ``n_frames``.
+
+    Counted from the shapes seen in an abstract forward pass: a conv costs
+    out_positions * kh * kw * in_channels / groups * out_channels, a dense layer
+    in_features * out_features per output row. BN, ReLU, additions and pooling are not
+    counted (they are O(activations), not O(activations x channels)).
+    Returns {layer path, e.g. "layer2_0/conv1": MACs}.
+    """
+    macs: dict[str, int] = {}
+
+    def record(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        mod = context.module
+        if context.method_name == "__call__" and isinstance(mod, nn.Conv | nn.Dense):
+            k = math.prod(mod.kernel_size) if isinstance(mod, nn.Conv) else 1
+            groups = getattr(mod, "feature_group_count", 1)
+            in_features = args[0].shape[-1]
+            n = math.prod(y.shape[:-1]) * k * (in_features // groups) * mod.features
+            macs["/".join(mod.scope.path)] = int(n)
+        return y
+
+    with nn.intercept_methods(record):
+        _abstract_init(module, n_frames, None)
+    return macs
+
+
+def encoder_macs(module: nn.Module, n_frames: int = 200) -> int:
+    """Total multiply-accumulates of one forward pass for one utterance of ``n_frames``."""
+    return sum(encoder_macs_by_layer(module, n_frames).values())
+
+
+class AAMSoftmax(nn.Module):
+    """Additive angular margin softmax (ArcFace) head; not part of the deployed encoder.
+
+    The target logit is s * cos(theta + m) while theta + m <= pi; beyond that
+    (cos theta <= cos(pi - m)) it falls back to s * (cos theta - (1 - cos m)), which keeps
+    the logit monotonic and continuous at the threshold (WeSpeaker's choice; insightface
+    subtracts m * sin(m) instead, a small jump). ``easy_margin`` applies the margin only
+    where cos theta > 0.
+    """
+
+    num_classes: int
+    scale: float = 32.0
+    easy_margin: bool = False
+
+    @nn.compact
+    def __call__(
+        self, embeddings: jax.Array, labels: jax.Array, margin: jax.Array | float
+    ) -> tuple[jax.Array, jax.Array]:
+        """Args: embeddings (batch, embed_dim); labels (batch,) int; margin scalar (radians,
+        may be traced so it can warm up). Returns (mean cross-entropy, logits (batch, classes)).
+        """
+        kernel = self.param(
+            "kernel",
+            nn.initializers.xavier_uniform(),
+            (embeddings.shape[-1], self.num_classes),
+            jnp.float32,
+        )
+        cosine = _l2_normalize(embeddings.astype(jnp.float32), 1) @ _l2_normalize(kernel, 0)
+        cosine = jnp.clip(cosine, -1.0, 1.0)
+        margin = jnp.asarray(margin, jnp.float32)
+        # Floor keeps d sqrt / d cos finite at |cos| = 1 (else 0 * inf = NaN with m = 0).
+        sine = jnp.sqrt(jnp.maximum(1.0 - jnp.square(cosine), 1e-12))
+        phi = cosine * jnp.cos(margin) - sine * jnp.sin(margin)  # cos(theta + m)
+        if self.easy_margin:
+            phi = jnp.where(cosine > 0.0, phi, cosine)
+        else:
+            phi = jnp.where(
+                cosine > jnp.cos(math.pi - margin), phi, cosine - (1.0 + jnp.cos(math.pi - margin))
+            )
+        target = jax.nn.one_hot(labels, self.num_classes, dtype=jnp.bool_)
+        logits = self.scale * jnp.where(target, phi, cosine)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, logits
+
+
+def _l2_normalize(x: jax.Array, axis: int) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis, keepdims=True), 1e-12))

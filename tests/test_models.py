@@ -1,0 +1,291 @@
+"""Tests for sqjax.models: geometry against WeSpeaker's published numbers, and the AAM head
+against an independent NumPy ArcFace computation."""
+
+import math
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sqjax.models import (
+    POOL_EPS,
+    PRESETS,
+    AAMSoftmax,
+    ResNet,
+    build_encoder,
+    count_params,
+    encoder_macs,
+    encoder_macs_by_layer,
+)
+
+
+@pytest.fixture(autouse=True)
+def _strict_rank_promotion():
+    with jax.numpy_rank_promotion("raise"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = build_encoder("resnet_tiny")
+    x = jax.random.normal(jax.random.key(1), (3, 40, 80))
+    return model, x, jax.jit(model.init)(jax.random.key(0), x)
+
+
+# --- parameter counts (eval_shape: no memory) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, published, tol",
+    [
+        ("resnet34", 6.63e6, 0.01),  # WeSpeaker model zoo, without the classifier
+        ("resnet221", 23.79e6, 0.01),
+        ("resnet293", 28.62e6, 0.01),
+        ("resnet36", 6.9e6, 0.02),  # PAPER.md "about"
+        ("resnet200", 20.9e6, 0.02),
+    ],
+)
+def test_param_counts_match_published(name, published, tol):
+    assert abs(count_params(build_encoder(name)) / published - 1) < tol
+
+
+def test_param_count_resnet34_exact_by_hand():
+    # Independent count: conv kernels + BN (scale, bias) + embedding Dense with bias.
+    w, n = 32, 0
+    n += 9 * 1 * w + 2 * w
+    c_in = w
+    for i, blocks in enumerate([3, 4, 6, 3]):
+        c = w * 2**i
+        for j in range(blocks):
+            n += 9 * c_in * c + 2 * c + 9 * c * c + 2 * c
+            if c_in != c or (i > 0 and j == 0):
+                n += c_in * c + 2 * c
+            c_in = c
+    n += 2 * 256 * 10 * 256 + 256
+    assert count_params(build_encoder("resnet34")) == n == 6_634_336
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ValueError, match="resnet34"):
+        build_encoder("resnet35")
+
+
+def test_wrong_feature_dim_raises(tiny):
+    model, _, variables = tiny
+    with pytest.raises(ValueError, match="n_mels"):
+        model.apply(variables, jnp.zeros((2, 40, 64)))
+
+
+# --- forward pass -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frames", [17, 64])
+def test_output_shape_variable_length(tiny, frames):
+    model, _, variables = tiny
+    y = model.apply(variables, jnp.ones((2, frames, 80)))
+    assert y.shape == (2, 32) and y.dtype == jnp.float32
+    assert np.isfinite(np.asarray(y)).all()
+
+
+def test_train_updates_batch_stats_eval_is_deterministic(tiny):
+    model, x, variables = tiny
+    y, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert y.shape == (3, 32)
+    before = variables["batch_stats"]["stem_bn"]["mean"]
+    after = updates["batch_stats"]["stem_bn"]["mean"]
+    assert not np.allclose(before, after)
+    # Running mean follows PyTorch's momentum 0.1: 0.9 * old + 0.1 * batch mean.
+    x_img = np.asarray(x).transpose(0, 2, 1)[..., None]
+    kernel = np.asarray(variables["params"]["stem_conv"]["kernel"])  # (3, 3, 1, C)
+    pad = np.pad(x_img, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    conv = sum(
+        pad[:, a : a + 80, b : b + 40, :] * kernel[a, b, 0] for a in range(3) for b in range(3)
+    )
+    np.testing.assert_allclose(after, 0.1 * conv.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+    y1 = model.apply(variables, x)
+    y2 = model.apply(variables, x)
+    np.testing.assert_array_equal(y1, y2)
+
+
+def test_statistics_pooling_matches_numpy(tiny):
+    # Capture the last block's output (B, F', T', C) and the embedding layer's input.
+    model, x, variables = tiny
+    seen = {}
+
+    def capture(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.module.name == "layer4_0":
+            seen["fmap"] = np.asarray(out)
+        if context.module.name == "embedding":
+            seen["stats"] = np.asarray(args[0])
+        return out
+
+    with nn.intercept_methods(capture):
+        model.apply(variables, x)
+    fmap = seen["fmap"]  # (3, 10, 5, 32): 80 mels and 40 frames after three stride-2 stages
+    assert fmap.shape == (3, 10, 5, 32)
+    frames = fmap.transpose(0, 2, 3, 1).reshape(3, 5, 32 * 10)  # channel-major (C, F')
+    expected = np.concatenate([frames.mean(1), np.sqrt(frames.var(1) + POOL_EPS)], axis=1)
+    np.testing.assert_allclose(seen["stats"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_is_pure_function_of_variables(tiny):
+    model, x, v0 = tiny
+    v1 = jax.jit(model.init)(jax.random.key(7), x)
+    v1 = jax.tree.map(lambda a: a + 0.1, v1)  # also non-trivial BN statistics
+    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), v0, v1)
+    ys = jax.jit(jax.vmap(lambda v: model.apply(v, x)))(stacked)
+    apply = jax.jit(model.apply)
+    chex.assert_trees_all_close(ys[0], apply(v0, x), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(ys[1], apply(v1, x), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(ys[0], ys[1])
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output(tiny):
+    _, x, variables = tiny
+    model = build_encoder("resnet_tiny", dtype=jnp.bfloat16)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes["params"]))
+    y = jax.jit(model.apply)(variables, x)
+    assert y.dtype == jnp.float32
+    # bf16 trunk stays close to the float32 embedding (3 significant digits per op).
+    y32 = jax.jit(build_encoder("resnet_tiny").apply)(variables, x)
+    assert np.corrcoef(np.ravel(y), np.ravel(y32))[0, 1] > 0.99
+
+
+def test_parameter_paths_are_stable(tiny):
+    _, _, variables = tiny
+    paths = {
+        "/".join(k.key for k in path)
+        for path, _ in jax.tree_util.tree_leaves_with_path(variables["params"])
+    }
+    for expected in [
+        "stem_conv/kernel",
+        "stem_bn/scale",
+        "stem_bn/bias",
+        "layer1_0/conv1/kernel",
+        "layer1_0/bn2/scale",
+        "layer2_0/shortcut_conv/kernel",
+        "layer2_0/shortcut_bn/scale",
+        "layer4_0/conv2/kernel",
+        "embedding/kernel",
+        "embedding/bias",
+    ]:
+        assert expected in paths, expected
+    assert "layer1_0/shortcut_conv/kernel" not in paths  # same shape: identity shortcut
+    assert not any("bias" in p for p in paths if "conv" in p)  # convs have no bias
+    bottleneck = ResNet((1, 1, 1, 1), block="bottleneck", width=4, embed_dim=8)
+    shapes = jax.eval_shape(bottleneck.init, jax.random.key(0), jnp.zeros((1, 16, 80)))
+    blk = shapes["params"]["layer1_0"]
+    assert blk["conv3"]["kernel"].shape == (1, 1, 4, 16)
+    assert blk["shortcut_conv"]["kernel"].shape == (1, 1, 4, 16)  # 4 -> 16 channels
+
+
+# --- MACs ----------------------------------------------------------------------------------
+
+
+def test_encoder_macs_tiny_by_hand():
+    model = ResNet((1, 1, 1, 1), width=4, embed_dim=32, n_mels=16)
+    # 16 frames x 16 mels; stages at 16x16, 8x8, 4x4, 2x2 positions.
+    expected = {
+        "stem_conv": 256 * 9 * 1 * 4,
+        "layer1_0/conv1": 256 * 9 * 4 * 4,
+        "layer1_0/conv2": 256 * 9 * 4 * 4,
+        "layer2_0/conv1": 64 * 9 * 4 * 8,
+        "layer2_0/conv2": 64 * 9 * 8 * 8,
+        "layer2_0/shortcut_conv": 64 * 4 * 8,
+        "layer3_0/conv1": 16 * 9 * 8 * 16,
+        "layer3_0/conv2": 16 * 9 * 16 * 16,
+        "layer3_0/shortcut_conv": 16 * 8 * 16,
+        "layer4_0/conv1": 4 * 9 * 16 * 32,
+        "layer4_0/conv2": 4 * 9 * 32 * 32,
+        "layer4_0/shortcut_conv": 4 * 16 * 32,
+        "embedding": (2 * 32 * 2) * 32,  # mean and std of 32 channels x 2 freq bins
+    }
+    assert encoder_macs_by_layer(model, n_frames=16) == expected
+    assert encoder_macs(model, n_frames=16) == sum(expected.values())
+
+
+def test_encoder_macs_resnet34_near_wespeaker_figure():
+    # WeSpeaker quotes 4.55 G(FLOPs, in fact MACs, via thop) for 2 s = 200 frames.
+    macs = encoder_macs(build_encoder("resnet34"), n_frames=200)
+    assert abs(macs / 4.55e9 - 1) < 0.01
+
+
+def test_presets_build():
+    for name in PRESETS:
+        assert isinstance(build_encoder(name), ResNet)
+
+
+# --- AAM-softmax head ----------------------------------------------------------------------
+
+
+def _numpy_arcface(emb, kernel, labels, margin, scale):
+    """Independent ArcFace: angles via arccos, margin added to the target angle."""
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    w = kernel / np.linalg.norm(kernel, axis=0, keepdims=True)
+    cos = np.clip(e @ w, -1, 1)
+    logits = scale * cos
+    for i, y in enumerate(labels):
+        theta = math.acos(cos[i, y])
+        if theta + margin <= math.pi:
+            logits[i, y] = scale * math.cos(theta + margin)
+        else:  # WeSpeaker's continuous fallback beyond the threshold
+            logits[i, y] = scale * (cos[i, y] - (1 - math.cos(margin)))
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return -logp[np.arange(len(labels)), labels].mean(), logits
+
+
+def _head_case():
+    # Hand-checkable geometry: classes on the axes of the plane, embeddings at known angles.
+    kernel = np.array([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])  # columns: 0, 90, 180 degrees
+    angles = np.deg2rad([30.0, 100.0, 175.0, 10.0])
+    emb = np.stack([np.cos(angles), np.sin(angles)], axis=1) * np.array([[1.0], [2.0], [0.5], [3]])
+    labels = np.array([0, 1, 0, 2])  # the third sample is 175 deg from its class: > pi - m
+    return emb, kernel, labels
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.2, 0.3])
+def test_aam_softmax_matches_numpy(margin):
+    emb, kernel, labels = _head_case()
+    head = AAMSoftmax(num_classes=3, scale=32.0)
+    variables = {"params": {"kernel": jnp.asarray(kernel, jnp.float32)}}
+    loss, logits = jax.jit(head.apply)(
+        variables, jnp.asarray(emb, jnp.float32), jnp.asarray(labels), jnp.float32(margin)
+    )
+    ref_loss, ref_logits = _numpy_arcface(emb, kernel, labels, margin, 32.0)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    # Hand check: first sample's target logit is 32 * cos(30 deg + m).
+    np.testing.assert_allclose(logits[0, 0], 32 * math.cos(math.radians(30) + margin), rtol=1e-5)
+
+
+def test_aam_softmax_margin_zero_is_normalized_softmax_and_grads_finite():
+    emb, kernel, labels = _head_case()
+    head = AAMSoftmax(num_classes=3)
+    e, k = jnp.asarray(emb, jnp.float32), jnp.asarray(kernel, jnp.float32)
+    cos = (e / jnp.linalg.norm(e, axis=1, keepdims=True)) @ (
+        k / jnp.linalg.norm(k, axis=0, keepdims=True)
+    )
+    expected = -jax.nn.log_softmax(32 * cos)[jnp.arange(4), labels].mean()
+    loss = head.apply({"params": {"kernel": k}}, e, labels, 0.0)[0]
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    # Embedding exactly on its class (|cos| = 1): gradients must stay finite for any margin.
+    grad = jax.jit(
+        jax.grad(
+            lambda k, m: head.apply({"params": {"kernel": k}}, k.T[:2], jnp.arange(2), m)[0],
+            argnums=(0, 1),
+        )
+    )
+    for m in (0.0, 0.2):
+        assert all(np.isfinite(g).all() for g in jax.tree.leaves(grad(k, jnp.float32(m))))
+
+
+def test_aam_softmax_init_kernel_shape():
+    head = AAMSoftmax(num_classes=5)
+    v = head.init(jax.random.key(0), jnp.ones((2, 32)), jnp.array([0, 4]), 0.2)
+    assert v["params"]["kernel"].shape == (32, 5)
