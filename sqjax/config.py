@@ -1,0 +1,149 @@
+"""Configs: the defaults every config file starts from, and loading with overrides.
+
+Config files are Python files with ``get_config()`` returning a ``ConfigDict`` (as in
+big_vision); they start from ``default_config()`` and override it. Command-line
+overrides look like ``--config.train.num_steps=100``.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every setting sqjax reads, with its default. Names no data, so it cannot run alone."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.progress = True
+    c.num_devices = 0  # 0 = every device; the batch is sharded over them
+    c.distributed = False  # call jax.distributed.initialize() (multi-host GPU/TPU)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.synth = False  # generate and use the built-in synthetic corpus
+    c.data.synth_dir = "data/synth"
+    c.data.synth_args = ml_collections.ConfigDict(
+        dict(
+            n_train_speakers=100,
+            n_dev_speakers=20,
+            n_test_speakers=50,
+            utts_per_speaker=16,
+            test_utts_per_speaker=8,
+            min_duration=2.0,
+            max_duration=4.0,
+            n_trials=4000,
+            difficulty=1.0,
+            seed=0,
+            workers=2,
+        )
+    )
+    c.data.train = ""  # Kaldi data dir or VoxCeleb root (idXXXXX/video/nnnnn.wav)
+    c.data.test = ""
+    c.data.test_trials = ""  # VoxCeleb ("1 enroll test") or Kaldi ("enroll test target")
+    c.data.feature_cache = ""  # directory for cached log-mel features ("" = no cache)
+    c.data.sample_rate = 16000
+    c.data.min_seconds = 0.5  # shorter files are an error, not silently padded
+    c.data.workers = 2
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "resnet34"
+    c.model.n_mels = 80
+    c.model.embed_dim = 256
+    c.model.width = 0  # 0 = the preset's width
+    c.model.dtype = "float32"  # computation dtype; "bfloat16" on GPU/TPU
+
+    c.head = ml_collections.ConfigDict()
+    c.head.scale = 32.0
+    c.head.margin = 0.2
+    c.head.margin_warmup_steps = 0
+    c.head.num_classes = 0  # set from the training data when a run starts
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 1000
+    c.train.batch_size = 128  # global; split over devices
+    c.train.microbatches = 1  # >1: accumulate gradients over chunks (faster conv grads on CPU)
+    c.train.n_frames = 200  # 2 s crops
+    c.train.optimizer = "sgd"
+    c.train.learning_rate = 0.1
+    c.train.final_lr_ratio = 0.01
+    c.train.warmup_steps = 100
+    c.train.momentum = 0.9
+    c.train.weight_decay = 1e-4
+    c.train.clip_norm = 0.0
+    c.train.log_every = 10
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 3
+
+    c.quant = ml_collections.ConfigDict()
+    c.quant.bits = 0  # 0 = FP32 training; 1..8 = QAT at that width
+    c.quant.init_from = ""  # FP32 workdir to fine-tune from
+    c.quant.per_channel = False
+    c.quant.keep_float = ()  # regexes of encoder parameter paths kept in FP32
+    c.quant.iters = 50  # Lloyd iterations at initialisation
+    c.quant.refresh_every = 50  # steps between codebook refreshes
+    c.quant.refresh_iters = 5  # warm-started Lloyd iterations per refresh
+    # `sqjax qat` studies: one fine-tuning run per width, with these training settings.
+    c.quant.bits_list = (8, 4, 3, 2, 1)
+    c.quant.num_steps = 200
+    c.quant.learning_rate = 1e-3
+    c.quant.warmup_steps = 20
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 32
+    c.eval.max_frames = 3000  # longer utterances are embedded in chunks and averaged
+    c.eval.baseline = False  # also score the raw-feature baseline
+    return c
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """Runs ``get_config()`` of the file at ``path`` and applies ``key.path=value`` overrides.
+
+    Values are parsed as Python literals when they parse (``3``, ``0.1``, ``True``,
+    ``(1, 2)``) and taken as strings otherwise; a key the config lacks is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found (see configs/ for examples)")
+    spec = importlib.util.spec_from_file_location(f"sqjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} has no get_config() function")
+    return apply_overrides(module.get_config(), overrides, source=path)
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: list[str], source: str | Path = "config"
+) -> ml_collections.ConfigDict:
+    """Sets ``--config.key.path=value`` items on ``config`` (in place; also returned)."""
+    path = source
+    for item in overrides:
+        key, sep, text = item.removeprefix("--").removeprefix("config.").partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected --config.<key>=<value>")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        parent, _, leaf = key.rpartition(".")
+        node = config
+        for part in filter(None, parent.split(".")):
+            if part not in node:
+                raise KeyError(f"override {item!r}: config has no key {part!r} (in {path})")
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"override {item!r}: config has no key {key!r} (in {path})")
+        old = node[leaf]
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(old, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if old is not None and type(old) is not type(value):
+            raise TypeError(
+                f"override {item!r}: {key} is {type(old).__name__}, got {type(value).__name__}"
+            )
+        node[leaf] = value
+    return config
