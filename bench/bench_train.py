@@ -1,0 +1,93 @@
+"""Training throughput (examples/s) of sqjax encoders on the current backend.
+
+    python bench/bench_train.py                                  # demo model + resnet34
+    python bench/bench_train.py --models resnet_demo --batches 8,16,32,64 --cpu-devices 1,2
+
+For each model and per-device batch size it times jitted ``train_step`` calls on random
+200-frame inputs (compile time reported apart), with the batch sharded over every
+device. ``--cpu-devices 1,2`` reruns the table in subprocesses with that many simulated
+CPU devices (data parallelism over cores), ``--microbatches`` accumulates gradients over
+that many chunks per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+
+def bench(models_, batches, steps, microbatches, n_frames, n_classes):
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from sqjax import models, train
+
+    mesh = train.make_mesh()
+    n_dev = mesh.devices.size
+    print(f"# backend={jax.default_backend()} devices={n_dev} microbatches={microbatches}")
+    print(f"{'model':>12} {'batch/dev':>9} {'compile_s':>9} {'step_s':>8} {'examples/s':>10}")
+    for name in models_:
+        encoder = models.build_encoder(name)
+        head = models.AAMSoftmax(num_classes=n_classes)
+        tx = optax.sgd(0.01, momentum=0.9)
+        for per_dev in batches:
+            b = per_dev * n_dev
+            rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+            state = jax.device_put(
+                train.create_train_state(jax.random.key(0), encoder, head, tx, n_frames), rep
+            )
+            rng = np.random.default_rng(0)
+            batch = jax.device_put(
+                {"feats": rng.normal(size=(b, n_frames, 80)).astype(np.float32),
+                 "labels": rng.integers(0, n_classes, b).astype(np.int32)}, shard)
+            step = jax.jit(
+                functools.partial(train.train_step, encoder=encoder, head=head, tx=tx, margin=0.2,
+                                  margin_warmup_steps=0, microbatches=microbatches),
+                in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0)
+            tic = time.perf_counter()
+            state, m = step(state, batch)
+            jax.block_until_ready(m)
+            compile_s = time.perf_counter() - tic
+            tic = time.perf_counter()
+            for _ in range(steps):
+                state, m = step(state, batch)
+                jax.block_until_ready(m)  # one step at a time: see the deadlock note in train.py
+            dt = (time.perf_counter() - tic) / steps
+            print(f"{name:>12} {per_dev:>9} {compile_s:>9.1f} {dt:>8.3f} {b / dt:>10.1f}", flush=True)
+            del state, batch, jnp
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="resnet_demo,resnet34")
+    p.add_argument("--batches", default="8,16,32", help="per-device batch sizes")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--microbatches", type=int, default=1)
+    p.add_argument("--n-frames", type=int, default=200)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--cpu-devices", default="", help="e.g. 1,2: one subprocess per count")
+    a = p.parse_args()
+    if a.cpu_devices:
+        for n in a.cpu_devices.split(","):
+            env = dict(os.environ, JAX_PLATFORMS="cpu",
+                       XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+            argv = [f"--models={a.models}", f"--batches={a.batches}", f"--steps={a.steps}",
+                    f"--microbatches={a.microbatches}", f"--n-frames={a.n_frames}",
+                    f"--classes={a.classes}"]
+            subprocess.run([sys.executable, __file__, *argv], env=env, check=True)
+        return
+    bench(a.models.split(","), [int(x) for x in a.batches.split(",")], a.steps,
+          a.microbatches, a.n_frames, a.classes)
+
+
+if __name__ == "__main__":
+    main()

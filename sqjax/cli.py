@@ -1,0 +1,132 @@
+"""The ``sqjax`` command: synth, train, qat, eval.
+
+    sqjax train --config configs/demo.py --workdir runs/demo [--config.train.num_steps=100]
+    sqjax qat   --config configs/qat_demo.py --workdir runs/demo_qat
+    sqjax eval  --workdir runs/r34 --data /data/vox1 --trials /data/vox1/veri_test2.txt
+    sqjax synth --out data/synth --speakers 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _set_cpu_devices(n: int) -> None:
+    # Must happen before jax initialises its backends. On CPU, N simulated devices run N
+    # data-parallel shards, each on its own core: small convs use one core each otherwise.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def _print_metrics(result: dict, title: str) -> None:
+    print(f"\n{title}")
+    for key in ("eer", "min_dcf@0.01", "min_dcf@0.05"):
+        line = f"  {key:<14} {result[key]:8.4f}"
+        if f"baseline/{key}" in result:
+            line += f"   (raw-feature baseline {result[f'baseline/{key}']:.4f})"
+        print(line)
+    if "baseline/eer" in result:
+        print(f"  EER / baseline EER = {result['eer'] / result['baseline/eer']:.3f}")
+
+
+def cmd_train(args, overrides) -> None:
+    from sqjax import config as config_lib
+    from sqjax import train
+
+    config = config_lib.load_config(args.config, overrides)
+    result = train.train_and_evaluate(config, args.workdir)
+    _print_metrics(result, f"test metrics ({args.workdir})")
+
+
+def cmd_qat(args, overrides) -> None:
+    from sqjax import config as config_lib
+    from sqjax import train
+
+    config = config_lib.load_config(args.config, overrides)
+    rows = train.quantization_study(config, args.workdir)
+    print(f"\n{'precision':>10} {'EER':>8} {'minDCF@0.01':>12} {'minDCF@0.05':>12}")
+    for name, r in rows.items():
+        print(f"{name:>10} {r['eer']:8.4f} {r['min_dcf@0.01']:12.4f} {r['min_dcf@0.05']:12.4f}")
+
+
+def cmd_eval(args, overrides) -> None:
+    from sqjax import train
+
+    result = train.evaluate_workdir(
+        args.workdir, data=args.data, trials=args.trials, step=args.step, overrides=overrides
+    )
+    _print_metrics(result, f"metrics ({args.workdir}, {args.trials or 'config test trials'})")
+
+
+def cmd_synth(args, overrides) -> None:
+    from sqjax import synth
+
+    root = synth.generate_corpus(
+        args.out,
+        n_train_speakers=args.speakers,
+        n_test_speakers=args.test_speakers,
+        utts_per_speaker=args.utts,
+        difficulty=args.difficulty,
+        seed=args.seed,
+        workers=args.workers,
+    )
+    print(f"corpus in {root}: train/, dev/, test/ (Kaldi data dirs with trials)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sqjax",
+        description="Low-bit K-means quantization of speaker-verification ResNets (JAX/Flax).",
+        epilog="Config overrides: --config.<key>=<value>, e.g. --config.train.num_steps=100",
+    )
+    p.add_argument(
+        "--cpu-devices", type=int, default=int(os.environ.get("SQJAX_CPU_DEVICES", "1")),
+        help="simulated CPU devices for data parallelism on a CPU host (default 1)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an FP32 encoder, then score the test trials")
+    t.add_argument("--config", required=True, help="config file, e.g. configs/demo.py")
+    t.add_argument("--workdir", required=True, help="run directory (resumes if it has checkpoints)")
+    t.set_defaults(fn=cmd_train)
+
+    q = sub.add_parser("qat", help="quantization-aware fine-tuning at each of config.quant.bits_list")
+    q.add_argument("--config", required=True, help="config file, e.g. configs/qat_demo.py")
+    q.add_argument("--workdir", required=True, help="study directory: one sub-run per bit width")
+    q.set_defaults(fn=cmd_qat)
+
+    e = sub.add_parser("eval", help="score a trial list with a trained run")
+    e.add_argument("--workdir", required=True, help="run directory written by train or qat")
+    e.add_argument("--data", default="", help="data dir holding the trial utterances")
+    e.add_argument("--trials", default="", help="trial list (VoxCeleb or Kaldi format)")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    e.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("synth", help="generate the built-in synthetic speaker corpus")
+    s.add_argument("--out", required=True)
+    s.add_argument("--speakers", type=int, default=100, help="training speakers")
+    s.add_argument("--test-speakers", type=int, default=50)
+    s.add_argument("--utts", type=int, default=16, help="utterances per training speaker")
+    s.add_argument("--difficulty", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    s.set_defaults(fn=cmd_synth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, rest = build_parser().parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        build_parser().error(f"unrecognised arguments: {' '.join(bad)}")
+    _set_cpu_devices(args.cpu_devices)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args.fn(args, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

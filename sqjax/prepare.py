@@ -1,0 +1,134 @@
+"""From a config to arrays: the built-in corpus or the user's data dirs, as features.
+
+This is the one place that reads ``config.data``; library functions below it take plain
+arguments. Features are extracted once without mean normalisation and cached; the model
+input is the per-utterance mean-normalised version (cheap to derive), and the
+raw-feature baseline uses the unnormalised statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from sqjax import data as data_lib
+from sqjax import features, synth
+
+log = logging.getLogger("sqjax")
+
+
+class MeanNormalised(Sequence):
+    """A lazy view of feature arrays minus their per-utterance means (works on memmaps)."""
+
+    def __init__(self, raw: Sequence[np.ndarray]):
+        self.raw = raw
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        f = np.asarray(self.raw[i], np.float32)
+        return f - f.mean(0, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One data dir's utterances as features, with its trial list (if any)."""
+
+    corpus: data_lib.Corpus
+    raw_feats: Sequence[np.ndarray]  # (frames, n_mels) log-mel, not mean-normalised
+    trials: data_lib.Trials | None = None
+
+    @property
+    def feats(self) -> MeanNormalised:
+        """Model input: per-utterance mean-normalised log-mel."""
+        return MeanNormalised(self.raw_feats)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.corpus.speaker_ids()[1]
+
+    @property
+    def n_speakers(self) -> int:
+        return len(self.corpus.speaker_ids()[0])
+
+
+def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config.data`` with the built-in corpus generated and its paths filled in."""
+    d = ml_collections.ConfigDict(config.data.to_dict())
+    if d.synth:
+        root = synth.generate_corpus(d.synth_dir, **d.synth_args.to_dict(), progress=config.progress)
+        d.train = d.train or str(root / "train")
+        d.test = d.test or str(root / "test")
+        d.test_trials = d.test_trials or str(root / "test" / "trials")
+        d.feature_cache = d.feature_cache or str(root / "features")
+    return d
+
+
+def load_split(
+    data_dir: str,
+    trials_path: str | None,
+    *,
+    sample_rate: int,
+    n_mels: int,
+    cache_dir: str | None,
+    min_seconds: float,
+    workers: int,
+    progress: bool = True,
+) -> Split:
+    """Reads a data dir (Kaldi or VoxCeleb layout), its trials, and their features.
+
+    With a trial list, only the utterances the trials use are loaded.
+    """
+    corpus = data_lib.read_corpus(data_dir)
+    trials = None
+    if trials_path:
+        trials = data_lib.read_trials(trials_path, corpus)
+        corpus = corpus.subset(sorted(set(trials.enroll) | set(trials.test)))
+    raw = features.extract_features(
+        corpus,
+        sample_rate=sample_rate,
+        n_mels=n_mels,
+        mean_norm=False,
+        cache_dir=cache_dir or None,
+        min_seconds=min_seconds,
+        workers=workers,
+        progress=progress,
+    )
+    return Split(corpus, raw, trials)
+
+
+def _split(config, d, data_dir: str, trials: str | None) -> Split:
+    if not data_dir:
+        raise ValueError("no data dir: set config.data.train / config.data.test or data.synth=True")
+    return load_split(
+        data_dir,
+        trials,
+        sample_rate=d.sample_rate,
+        n_mels=config.model.n_mels,
+        cache_dir=d.feature_cache,
+        min_seconds=d.min_seconds,
+        workers=d.workers,
+        progress=config.progress,
+    )
+
+
+def training_data(config: ml_collections.ConfigDict) -> Split:
+    """The training split named by ``config.data`` (all its utterances)."""
+    d = resolve_paths(config)
+    split = _split(config, d, d.train, None)
+    log.info("train: %d utterances, %d speakers", len(split.corpus.utts), split.n_speakers)
+    return split
+
+
+def test_data(config: ml_collections.ConfigDict) -> Split:
+    """The test split with its trials."""
+    d = resolve_paths(config)
+    if not d.test_trials:
+        raise ValueError("no test trials: set config.data.test_trials (or use data.synth=True)")
+    return _split(config, d, d.test, d.test_trials)

@@ -1,0 +1,122 @@
+"""Training: the step's maths, data parallelism, exact resume, and QAT.
+
+The runs use configs/tiny.py on a tiny synthetic corpus built once per session.
+"""
+
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sqjax import models, train
+from sqjax.config import load_config
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return load_config(
+        CONFIGS / "tiny.py",
+        [f"--config.data.synth_dir={root}/synth", "--config.progress=False",
+         "--config.data.synth_args.workers=1"],
+    )
+
+
+def _params(workdir):
+    _, state, _ = train.restore_run(workdir)
+    return state.params, state.batch_stats
+
+
+def _assert_trees(a, b, **tol):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        if tol:
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=str(path), **tol)
+        else:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+
+def test_margin_warmup():
+    assert float(train.margin_at(jnp.array(0), 0.2, 10)) == 0.0
+    assert abs(float(train.margin_at(jnp.array(5), 0.2, 10)) - 0.1) < 1e-7
+    assert abs(float(train.margin_at(jnp.array(50), 0.2, 10)) - 0.2) < 1e-7
+    assert abs(float(train.margin_at(jnp.array(0), 0.2, 0)) - 0.2) < 1e-7
+
+
+def test_microbatches_equal_full_batch_when_chunks_are_identical():
+    # Chunk c holds examples c, c+m, ...: with each example repeated m times in a row,
+    # every chunk equals the de-duplicated batch, so BatchNorm statistics, loss and
+    # gradients must equal the single-chunk step on that batch.
+    encoder = models.build_encoder("resnet_tiny", embed_dim=8)
+    head = models.AAMSoftmax(num_classes=3, scale=8.0)
+    tx = optax.sgd(0.1)
+    state = train.create_train_state(jax.random.key(0), encoder, head, tx, 40)
+    rng = np.random.default_rng(0)
+    small = {"feats": jnp.asarray(rng.normal(size=(4, 40, 80)), jnp.float32),
+             "labels": jnp.array([0, 1, 2, 1], jnp.int32)}
+    doubled = jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0), small)
+    kw = dict(encoder=encoder, head=head, tx=tx, margin=0.2, margin_warmup_steps=0)
+    one, m1 = train.train_step(state, small, **kw)
+    two, m2 = train.train_step(state, doubled, microbatches=2, **kw)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    _assert_trees(one.params, two.params, rtol=1e-4, atol=1e-6)
+
+
+def test_one_and_two_devices_train_the_same(tiny_config, tmp_path):
+    assert jax.device_count() >= 2, "conftest sets two simulated CPU devices"
+    for n in (1, 2):
+        c = tiny_config.copy_and_resolve_references()
+        c.num_devices, c.train.num_steps = n, 4
+        train.train_and_evaluate(c, tmp_path / f"dev{n}")
+    p1, s1 = _params(tmp_path / "dev1")
+    p2, s2 = _params(tmp_path / "dev2")
+    # Same global batch; only the order of float reductions differs.
+    _assert_trees(p1, p2, rtol=2e-4, atol=2e-5)
+    _assert_trees(s1, s2, rtol=2e-4, atol=2e-5)
+
+
+def test_interrupted_run_resumes_exactly(tiny_config, tmp_path):
+    c = tiny_config.copy_and_resolve_references()
+    c.train.num_steps, c.train.checkpoint_every = 6, 3
+    result = train.train_and_evaluate(c, tmp_path)
+    full = _params(tmp_path)
+    # As if killed after step 3's checkpoint: the step-6 checkpoint never got written.
+    shutil.rmtree(tmp_path / "checkpoints" / "6")
+    resumed = train.train_and_evaluate(c, tmp_path)
+    _assert_trees(full, _params(tmp_path))
+    assert resumed["eer"] == result["eer"]
+    steps = [int(line.split('"step": ')[1].split(",")[0].rstrip("}"))
+             for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # no duplicated log rows
+
+
+def test_qat_study_trains_on_codebook_and_resumes(tiny_config, tmp_path):
+    c = tiny_config.copy_and_resolve_references()
+    c.train.num_steps = 4
+    c.quant.bits_list, c.quant.num_steps = (2,), 4
+    c.train.checkpoint_every, c.quant.refresh_every = 2, 2
+    rows = train.quantization_study(c, tmp_path)
+    assert set(rows) == {"fp32", "2bit"}
+    config, state, quantizer = train.restore_run(tmp_path / "2bit")
+    assert config.quant.bits == 2 and int(state.step) == 4
+    qparams = quantizer.apply(state.params["encoder"], state.qstate)
+    for path, w in jax.tree_util.tree_leaves_with_path(qparams):
+        if jax.tree_util.keystr(path).endswith("['kernel']"):
+            assert len(np.unique(np.asarray(w))) <= 4, path
+    # The latent weights moved away from the FP32 start (STE gradients reached them).
+    _, fp32, _ = train.restore_run(tmp_path / "fp32")
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
+                         state.params["encoder"], fp32.params["encoder"])
+    assert max(jax.tree.leaves(moved)) > 0
+    full = state
+    shutil.rmtree(tmp_path / "2bit" / "checkpoints" / "4")
+    train.train_and_evaluate(
+        train.load_run_config(tmp_path / "2bit"), tmp_path / "2bit"
+    )
+    _, again, _ = train.restore_run(tmp_path / "2bit")
+    _assert_trees((full.params, full.qstate), (again.params, again.qstate))
