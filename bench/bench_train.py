@@ -1,7 +1,8 @@
 """Training throughput (examples/s) of sqjax encoders on the current backend.
 
     python bench/bench_train.py                                  # demo model + resnet34
-    python bench/bench_train.py --models resnet_demo --batches 8,16,32,64 --cpu-devices 1,2
+    python bench/bench_train.py --models resnet_demo,resnet_demo:width=8 --batches 8,16,32 \
+        --cpu-devices 1,2
 
 For each model and per-device batch size it times jitted ``train_step`` calls on random
 200-frame inputs (compile time reported apart), with the batch sharded over every
@@ -23,7 +24,6 @@ def bench(models_, batches, steps, microbatches, n_frames, n_classes):
     import functools
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
     from jax.sharding import NamedSharding
@@ -34,9 +34,12 @@ def bench(models_, batches, steps, microbatches, n_frames, n_classes):
     mesh = train.make_mesh()
     n_dev = mesh.devices.size
     print(f"# backend={jax.default_backend()} devices={n_dev} microbatches={microbatches}")
-    print(f"{'model':>12} {'batch/dev':>9} {'compile_s':>9} {'step_s':>8} {'examples/s':>10}")
-    for name in models_:
-        encoder = models.build_encoder(name)
+    print(f"{'model':>28} {'batch/dev':>9} {'compile_s':>9} {'step_s':>8} {'examples/s':>10}")
+    for spec in models_:
+        # "resnet_demo:width=8:embed_dim=128" = a preset with overrides
+        name, *kv = spec.split(":")
+        encoder = models.build_encoder(name, **{k: int(v) for k, v in (x.split("=") for x in kv)})
+        name = spec
         head = models.AAMSoftmax(num_classes=n_classes)
         tx = optax.sgd(0.01, momentum=0.9)
         for per_dev in batches:
@@ -62,8 +65,8 @@ def bench(models_, batches, steps, microbatches, n_frames, n_classes):
                 state, m = step(state, batch)
                 jax.block_until_ready(m)  # one step at a time: see the deadlock note in train.py
             dt = (time.perf_counter() - tic) / steps
-            print(f"{name:>12} {per_dev:>9} {compile_s:>9.1f} {dt:>8.3f} {b / dt:>10.1f}", flush=True)
-            del state, batch, jnp
+            print(f"{name:>28} {per_dev:>9} {compile_s:>9.1f} {dt:>8.3f} {b / dt:>10.1f}", flush=True)
+            del state, batch
 
 
 def main():

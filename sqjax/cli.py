@@ -1,7 +1,9 @@
-"""The ``sqjax`` command: synth, train, qat, eval.
+"""The ``sqjax`` command: synth, train, qat, ptq, export, eval.
 
     sqjax train --config configs/demo.py --workdir runs/demo [--config.train.num_steps=100]
     sqjax qat   --config configs/qat_demo.py --workdir runs/demo_qat
+    sqjax ptq   --workdir runs/demo --bits 8,4,2
+    sqjax export --workdir runs/demo_qat/2bit
     sqjax eval  --workdir runs/r34 --data /data/vox1 --trials /data/vox1/veri_test2.txt
     sqjax synth --out data/synth --speakers 100
 """
@@ -44,13 +46,31 @@ def cmd_train(args, overrides) -> None:
 
 def cmd_qat(args, overrides) -> None:
     from sqjax import config as config_lib
-    from sqjax import train
+    from sqjax import study
 
     config = config_lib.load_config(args.config, overrides)
-    rows = train.quantization_study(config, args.workdir)
+    _print_table(study.quantization_study(config, args.workdir))
+
+
+def _print_table(rows: dict) -> None:
     print(f"\n{'precision':>10} {'EER':>8} {'minDCF@0.01':>12} {'minDCF@0.05':>12}")
     for name, r in rows.items():
         print(f"{name:>10} {r['eer']:8.4f} {r['min_dcf@0.01']:12.4f} {r['min_dcf@0.05']:12.4f}")
+
+
+def cmd_ptq(args, overrides) -> None:
+    from sqjax import study
+
+    bits = tuple(int(b) for b in args.bits.split(","))
+    _print_table(study.ptq_workdir(args.workdir, bits))
+
+
+def cmd_export(args, overrides) -> None:
+    from sqjax import study
+
+    path, report = study.export_workdir(args.workdir, args.out, args.bits)
+    print(report.format())
+    print(f"\nwrote {path} ({path.stat().st_size:,} bytes)")
 
 
 def cmd_eval(args, overrides) -> None:
@@ -99,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workdir", required=True, help="study directory: one sub-run per bit width")
     q.set_defaults(fn=cmd_qat)
 
+    pt = sub.add_parser("ptq", help="post-training quantization of an FP32 run, scored per width")
+    pt.add_argument("--workdir", required=True, help="FP32 run directory")
+    pt.add_argument("--bits", default="8,4,3,2,1", help="comma-separated bit widths")
+    pt.set_defaults(fn=cmd_ptq)
+
+    x = sub.add_parser("export", help="write a run's encoder as packed b-bit indices + codebooks")
+    x.add_argument("--workdir", required=True, help="QAT run (or FP32 run with --bits)")
+    x.add_argument("--out", default=None, help="output file (default: WORKDIR/encoder_<b>bit.npz)")
+    x.add_argument("--bits", type=int, default=None, help="PTQ width for an FP32 run")
+    x.set_defaults(fn=cmd_export)
+
     e = sub.add_parser("eval", help="score a trial list with a trained run")
     e.add_argument("--workdir", required=True, help="run directory written by train or qat")
     e.add_argument("--data", default="", help="data dir holding the trial utterances")
@@ -125,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         build_parser().error(f"unrecognised arguments: {' '.join(bad)}")
     _set_cpu_devices(args.cpu_devices)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("absl", "jax", "orbax"):  # orbax logs every checkpoint's options at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args.fn(args, rest)
 
 

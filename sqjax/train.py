@@ -223,7 +223,7 @@ def _truncate_log(path: Path, step: int) -> None:
         tmp.replace(path)
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     tmp.replace(path)
@@ -243,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     data = prepare.training_data(config)
     config = ml_collections.ConfigDict(config.to_dict())  # the caller's config stays as it was
     config.head.num_classes = data.n_speakers
-    _write_json(workdir / "config.json", json.loads(config.to_json()))
+    write_json(workdir / "config.json", json.loads(config.to_json()))
     mesh = make_mesh(config.num_devices)
     n_dev = mesh.devices.size
     t = config.train
@@ -383,30 +383,3 @@ def evaluate_workdir(
         config.data.test, config.data.test_trials, tag = data, trials, Path(trials).stem
         config.eval.baseline = False
     return evaluate.evaluate_run(config, workdir, state=state, quantizer=quantizer, tag=tag)
-
-
-def quantization_study(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, dict]:
-    """FP32 training (unless ``config.quant.init_from`` names a trained run), then QAT
-    fine-tuning from it at each width in ``config.quant.bits_list``, each in its own
-    sub-run ``workdir/<b>bit``. Returns ``{"fp32": metrics, "<b>bit": metrics, ...}``,
-    also written to ``workdir/study.json``."""
-    workdir = Path(workdir)
-    q = config.quant
-    rows = {}
-    if q.init_from:
-        init_from = Path(q.init_from)
-        rows["fp32"] = json.loads((init_from / "metrics_test.json").read_text())
-    else:
-        init_from = workdir / "fp32"
-        fp32 = ml_collections.ConfigDict(config.to_dict())
-        fp32.quant.bits = 0
-        rows["fp32"] = train_and_evaluate(fp32, init_from)
-    for bits in q.bits_list:
-        c = ml_collections.ConfigDict(config.to_dict())
-        c.quant.bits, c.quant.init_from = bits, str(init_from)
-        c.train.num_steps, c.train.learning_rate = q.num_steps, q.learning_rate
-        c.train.warmup_steps, c.head.margin_warmup_steps = q.warmup_steps, 0
-        c.eval.baseline = False
-        rows[f"{bits}bit"] = train_and_evaluate(c, workdir / f"{bits}bit")
-    _write_json(workdir / "study.json", rows)
-    return rows

@@ -14,3 +14,23 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory):
+    """configs/tiny.py on a tiny synthetic corpus generated once per test session."""
+    from sqjax.config import load_config
+
+    root = tmp_path_factory.mktemp("corpus")
+    return load_config(
+        CONFIGS / "tiny.py",
+        [f"--config.data.synth_dir={root}/synth", "--config.progress=False",
+         "--config.data.synth_args.workers=1"],
+    )

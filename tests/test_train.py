@@ -4,29 +4,12 @@ The runs use configs/tiny.py on a tiny synthetic corpus built once per session.
 """
 
 import shutil
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
-from sqjax import models, train
-from sqjax.config import load_config
-
-CONFIGS = Path(__file__).parents[1] / "configs"
-
-
-@pytest.fixture(scope="session")
-def tiny_config(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    return load_config(
-        CONFIGS / "tiny.py",
-        [f"--config.data.synth_dir={root}/synth", "--config.progress=False",
-         "--config.data.synth_args.workers=1"],
-    )
-
+from sqjax import models, study, train
 
 def _params(workdir):
     _, state, _ = train.restore_run(workdir)
@@ -100,7 +83,7 @@ def test_qat_study_trains_on_codebook_and_resumes(tiny_config, tmp_path):
     c.train.num_steps = 4
     c.quant.bits_list, c.quant.num_steps = (2,), 4
     c.train.checkpoint_every, c.quant.refresh_every = 2, 2
-    rows = train.quantization_study(c, tmp_path)
+    rows = study.quantization_study(c, tmp_path)
     assert set(rows) == {"fp32", "2bit"}
     config, state, quantizer = train.restore_run(tmp_path / "2bit")
     assert config.quant.bits == 2 and int(state.step) == 4
