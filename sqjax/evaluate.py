@@ -117,12 +117,14 @@ def score_split(embed: EmbedFn, variables, split, *, batch_size: int, max_frames
     return cosine_scores(emb, enroll, test)
 
 
-def evaluate_run(config, workdir, *, state, quantizer=None, split=None, tag: str = "test") -> dict:
+def evaluate_run(
+    config, workdir, *, state, quantizer=None, split=None, train_split=None, tag: str = "test"
+) -> dict:
     """Scores the test trials with a run's model; writes ``scores_<tag>.npz`` and
     ``metrics_<tag>.json`` to ``workdir``, logs and returns the metrics.
 
     When ``config.eval.baseline`` is set, the raw-feature baseline's metrics on the same
-    trials are added under ``baseline/``.
+    trials are added under ``baseline/`` (standardised with ``train_split``'s statistics).
     """
     import json
     from pathlib import Path
@@ -141,7 +143,7 @@ def evaluate_run(config, workdir, *, state, quantizer=None, split=None, tag: str
     labels = split.trials.labels
     result = metrics.verification_metrics(scores, labels)
     if config.eval.baseline:
-        train = prepare.training_data(config)
+        train = train_split or prepare.training_data(config)
         base = raw_feature_baseline(train.raw_feats, split.raw_feats)
         enroll, test = trial_indices(split.corpus.utts, split.trials.enroll, split.trials.test)
         base_result = metrics.verification_metrics(cosine_scores(base, enroll, test), labels)

@@ -338,7 +338,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         writer.close()
         mngr.wait_until_finished()
 
-    return evaluate.evaluate_run(config, workdir, state=state, quantizer=quantizer)
+    return evaluate.evaluate_run(
+        config, workdir, state=state, quantizer=quantizer, train_split=data
+    )
 
 
 def restore_run(workdir: str | Path, step: int | None = None, overrides: list[str] = ()):
