@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
 
 from sqjax import kmeans
 
@@ -14,13 +15,17 @@ from sqjax import kmeans
 def _mixture(n=20_000, seed=0):
     """Weight-like values: Laplacian bulk plus a narrow Gaussian bump."""
     rng = np.random.default_rng(seed)
-    return np.concatenate([rng.laplace(0, 0.05, n * 3 // 4), rng.normal(0.02, 0.01, n - n * 3 // 4)]).astype(np.float32)
+    return np.concatenate(
+        [rng.laplace(0, 0.05, n * 3 // 4), rng.normal(0.02, 0.01, n - n * 3 // 4)]
+    ).astype(np.float32)
 
 
 def _conv_kernel(seed=1):
     """A 3x3 conv kernel, 32 -> 64 channels (HWIO), He-scaled Laplacian."""
     std = np.sqrt(2 / (3 * 3 * 32))
-    return np.random.default_rng(seed).laplace(0, std / np.sqrt(2), (3, 3, 32, 64)).astype(np.float32)
+    return (
+        np.random.default_rng(seed).laplace(0, std / np.sqrt(2), (3, 3, 32, 64)).astype(np.float32)
+    )
 
 
 def _mse(x, c):
@@ -34,7 +39,12 @@ def tensors():
 
 
 def _fit_both(tensors, k, **kw):
-    return dict(zip(tensors, kmeans.kmeans_1d_batch([x.reshape(1, -1) for x in tensors.values()], [k, k], **kw)))
+    return dict(
+        zip(
+            tensors,
+            kmeans.kmeans_1d_batch([x.reshape(1, -1) for x in tensors.values()], [k, k], **kw),
+        )
+    )
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
@@ -42,7 +52,8 @@ def test_distortion_within_1pct_of_sklearn(tensors, bits):
     k = 2**bits
     for name, (c, d) in _fit_both(tensors, k).items():
         x = tensors[name].reshape(-1, 1)
-        ref = KMeans(n_clusters=k, n_init=10, random_state=0).fit(x).inertia_ / x.shape[0]
+        with threadpool_limits(1):  # OpenMP threads on a busy 2-core machine: up to 30x slower
+            ref = KMeans(n_clusters=k, n_init=10, random_state=0).fit(x).inertia_ / x.shape[0]
         ours = _mse(x, c[0])
         assert ours <= 1.01 * ref, (name, bits, ours / ref)
         np.testing.assert_allclose(float(d[0]), ours, rtol=1e-4)  # reported MSE is exact
@@ -55,7 +66,9 @@ def test_lloyd_fixed_point(tensors):
     c = _fit_both(tensors, 16, tol=0.0, iters=1000)["conv"][0][0]
     idx = np.argmin(np.abs(x[:, None] - np.asarray(c)[None, :]), axis=1)
     for j in np.unique(idx):
-        np.testing.assert_allclose(c[j], x[idx == j].astype(np.float64).mean(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            c[j], x[idx == j].astype(np.float64).mean(), rtol=1e-5, atol=1e-7
+        )
 
 
 def _brute_force_optimum(x, k):
@@ -141,8 +154,8 @@ def test_jitted_fit_matches_eager(tensors):
 
 def test_warm_start_refines_and_keeps_converged_codebooks():
     x = _mixture(1_000, seed=7)
-    c, d = kmeans.kmeans_1d(x, 16, tol=0.0, iters=1000)
-    c2, d2 = kmeans.kmeans_1d(x, 16, init_centroids=c, iters=5)
+    c, _ = kmeans.kmeans_1d(x, 16, tol=0.0, iters=1000)
+    c2, _ = kmeans.kmeans_1d(x, 16, init_centroids=c, iters=5)
     np.testing.assert_allclose(c2, c, rtol=1e-6)  # already a fixed point
     rough = np.linspace(x.min(), x.max(), 16).astype(np.float32)
     _, d_rough = kmeans.kmeans_1d(x, 16, init_centroids=rough, iters=0)
@@ -152,22 +165,23 @@ def test_warm_start_refines_and_keeps_converged_codebooks():
 
 @pytest.mark.parametrize("init", ["linear", "quantile", "kmeans++"])
 def test_other_inits_valid_and_deterministic(init):
-    x = _mixture(1_000, seed=5)
+    x = _mixture(500, seed=5)
     c1, d1 = kmeans.kmeans_1d(x, 8, init=init, key=jax.random.PRNGKey(1))
-    c2, d2 = kmeans.kmeans_1d(x, 8, init=init, key=jax.random.PRNGKey(1))
+    c2, _ = kmeans.kmeans_1d(x, 8, init=init, key=jax.random.PRNGKey(1))
     np.testing.assert_array_equal(c1, c2)
     assert np.all(np.diff(np.asarray(c1)) >= 0) and np.isfinite(float(d1))
     _, d_dp = kmeans.kmeans_1d(x, 8)
-    assert float(d_dp) <= float(d1) * (1 + 1e-6)  # "dp" is optimal on <= 2048 values
+    assert float(d_dp) <= float(d1) * (1 + 1e-6)  # "dp" is exactly optimal on <= 512 values
 
 
 def test_batch_mixed_k_and_sizes():
-    """Different sizes and k in one call equal separate calls."""
+    """Different sizes and k in one call equal separate calls (up to float32 rounding of
+    prefix sums taken at other offsets)."""
     rng = np.random.default_rng(6)
     xs = [rng.laplace(size=(1, n)).astype(np.float32) for n in (37, 1000, 700)]
     ks = [2, 16, 4]
     batch = kmeans.kmeans_1d_batch(xs, ks)
     for x, k, (c, d) in zip(xs, ks, batch):
         c1, d1 = kmeans.kmeans_1d(x, k)
-        np.testing.assert_allclose(c[0], c1, rtol=1e-6)
+        np.testing.assert_allclose(c[0], c1, rtol=1e-5)
         np.testing.assert_allclose(d[0], d1, rtol=1e-5)

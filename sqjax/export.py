@@ -1,0 +1,265 @@
+"""Packed export of quantized params: b-bit indices + float32 codebooks, and its size.
+
+File format (version 1): an *uncompressed* NumPy ``.npz`` (a zip of ``.npy`` members,
+stored, so its size is honest) with four members:
+
+- ``header``: uint8, UTF-8 JSON ``{"format": "sqjax-packed", "version": 1, "leaves": [...]}``;
+  one entry per params leaf in flattening order: ``path`` (list of keys, str or int, as in
+  ``quant.path_str``), ``shape``, ``dtype`` (of the original leaf), ``bits`` (null for a
+  float leaf), ``per_channel``, ``offset`` (byte offset into ``indices``, or element offset
+  into ``floats``), ``codebook_offset`` (element offset into ``codebooks``).
+- ``indices``: uint8, each quantized leaf's nearest-centroid indices as a little-endian
+  bit stream: value i (C order over the leaf's shape) occupies stream bits [i*b, (i+1)*b),
+  least significant bit first; stream bit j is bit j % 8 of byte j // 8. Each leaf starts
+  on a byte boundary. Any b in 1..8 (3, 5 and 7 included).
+- ``codebooks``: float32, each leaf's sorted codebook, (K,) or row-major (channels, K).
+- ``floats``: float32, the float leaves as they are.
+
+``load_packed`` rebuilds exactly (bit for bit) what ``quantizer.apply`` returns.
+The file is written to a temporary file in the same directory and moved into place with
+``os.replace``, so a reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sqjax import quant
+
+__all__ = ["LeafSize", "SizeReport", "export_packed", "load_packed", "size_report"]
+
+_FORMAT, _VERSION = "sqjax-packed", 1
+
+
+class LeafSize(NamedTuple):
+    path: str
+    shape: tuple[int, ...]
+    bits: int | None  # None: float leaf
+    n_codebooks: int
+    size: int
+
+    @property
+    def fp32_bytes(self) -> int:
+        return 4 * self.size
+
+    @property
+    def packed_bits(self) -> int:
+        return quant.packed_bits(self.size, self.bits, self.n_codebooks)
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeReport:
+    """Per-leaf and total storage: FP32 vs packed (n*b + K*32 per codebook, floats 32n)."""
+
+    leaves: tuple[LeafSize, ...]
+    file_bytes: int | None = None  # size on disk, when written by export_packed
+
+    @property
+    def fp32_bytes(self) -> int:
+        return sum(leaf.fp32_bytes for leaf in self.leaves)
+
+    @property
+    def packed_bytes(self) -> float:
+        return sum(leaf.packed_bits for leaf in self.leaves) / 8
+
+    @property
+    def ratio(self) -> float:
+        """Compression vs FP32 (FP32 bytes / packed bytes)."""
+        return self.fp32_bytes / self.packed_bytes if self.packed_bytes else math.inf
+
+    def format(self) -> str:
+        rows = [("path", "shape", "bits", "codebooks", "fp32 bytes", "packed bytes", "ratio")]
+        for leaf in self.leaves:
+            pb = leaf.packed_bits / 8
+            rows.append(
+                (
+                    leaf.path,
+                    "x".join(map(str, leaf.shape)) or "scalar",
+                    "float" if leaf.bits is None else str(leaf.bits),
+                    str(leaf.n_codebooks or "-"),
+                    f"{leaf.fp32_bytes:,}",
+                    f"{pb:,.0f}",
+                    f"{leaf.fp32_bytes / pb:.1f}x",
+                )
+            )
+        rows.append(
+            (
+                "total",
+                "",
+                "",
+                "",
+                f"{self.fp32_bytes:,}",
+                f"{self.packed_bytes:,.0f}",
+                f"{self.ratio:.1f}x",
+            )
+        )
+        if self.file_bytes is not None:
+            over = self.file_bytes - self.packed_bytes
+            rows.append(("file on disk", "", "", "", "", f"{self.file_bytes:,}", f"+{over:,.0f} B"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+            )
+            for r in rows
+        ]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.insert(2 + len(self.leaves), "-" * len(lines[0]))  # above the totals
+        return "\n".join(lines)
+
+
+def _index_bits(k: int) -> int:
+    return max(1, (k - 1).bit_length())
+
+
+def _entries(params, state):
+    """(keypath, leaf, sorted codebook or None) per params leaf."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    cbs = treedef.flatten_up_to(state.codebooks)
+    return [
+        (kp, w, None if cb is None else np.sort(np.asarray(cb, np.float32), axis=-1))
+        for (kp, w), cb in zip(flat, cbs)
+    ]
+
+
+def size_report(params: Any, state: quant.QuantizerState) -> SizeReport:
+    """Storage per leaf and in total, from params and the quantizer state's codebooks."""
+    leaves = []
+    for kp, w, cb in _entries(params, state):
+        shape = tuple(np.shape(w))
+        bits = None if cb is None else _index_bits(cb.shape[-1])
+        ncb = 0 if cb is None else (cb.shape[0] if cb.ndim == 2 else 1)
+        leaves.append(LeafSize(quant.path_str(kp), shape, bits, ncb, math.prod(shape)))
+    return SizeReport(tuple(leaves))
+
+
+def _pack(idx: np.ndarray, bits: int) -> np.ndarray:
+    planes = (idx.reshape(-1, 1) >> np.arange(bits, dtype=idx.dtype)) & 1
+    return np.packbits(planes.astype(np.uint8).ravel(), bitorder="little")
+
+
+def _unpack(buf: np.ndarray, bits: int, n: int) -> np.ndarray:
+    planes = np.unpackbits(buf, count=n * bits, bitorder="little").reshape(n, bits)
+    return planes.astype(np.int32) @ (1 << np.arange(bits, dtype=np.int32))
+
+
+_indices = jax.jit(lambda w, cb: quant._lookup(w, cb)[1])  # the same assignment as apply
+
+
+def export_packed(path: str | os.PathLike, params: Any, state: quant.QuantizerState) -> SizeReport:
+    """Writes the quantized model (see the module docstring) and returns its SizeReport.
+
+    ``state`` is the quantizer state whose codebooks ``quantizer.apply`` would use; it
+    fixes which leaves are quantized, their bit width (log2 K) and granularity.
+    """
+    meta, indices, codebooks, floats = [], [], [], []
+    offs = {"idx": 0, "cb": 0, "fl": 0}
+    for kp, w, cb in _entries(params, state):
+        dtype = jnp.dtype(w.dtype if hasattr(w, "dtype") else np.asarray(w).dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"export_packed: leaf {quant.path_str(kp)!r} has dtype {dtype}; only float leaves can be exported"
+            )
+        entry = {"path": quant._key_parts(kp), "shape": list(np.shape(w)), "dtype": dtype.name}
+        if cb is None:
+            floats.append(np.asarray(w, np.float32).ravel())
+            entry.update(bits=None, per_channel=False, offset=offs["fl"])
+            offs["fl"] += floats[-1].size
+        else:
+            bits = _index_bits(cb.shape[-1])
+            packed = _pack(np.asarray(_indices(jnp.asarray(w), jnp.asarray(cb))).ravel(), bits)
+            entry.update(
+                bits=bits,
+                per_channel=cb.ndim == 2,
+                offset=offs["idx"],
+                codebook_offset=offs["cb"],
+                codebook_shape=list(cb.shape),
+            )
+            indices.append(packed)
+            codebooks.append(cb.ravel())
+            offs["idx"] += packed.size
+            offs["cb"] += cb.size
+        meta.append(entry)
+    header = json.dumps(
+        {"format": _FORMAT, "version": _VERSION, "leaves": meta}, separators=(",", ":")
+    )
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+    arrays = {
+        "header": np.frombuffer(header.encode(), np.uint8),
+        "indices": cat(indices, np.uint8),
+        "codebooks": cat(codebooks, np.float32),
+        "floats": cat(floats, np.float32),
+    }
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(
+        dir=os.path.dirname(os.path.abspath(path)), prefix=".sqjax-", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)  # savez stores members uncompressed
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return dataclasses.replace(size_report(params, state), file_bytes=os.path.getsize(path))
+
+
+def load_packed(path: str | os.PathLike, target: Any = None) -> Any:
+    """Reads an ``export_packed`` file back to params (jax arrays, original dtypes).
+
+    Without ``target`` the result is nested dicts keyed by the path components (the "pure
+    dict" form; for Flax NNX use ``nnx.replace_by_pure_dict``). With ``target`` (any pytree
+    with the same leaf paths, e.g. the original params) the result has its structure.
+    """
+    with np.load(os.fspath(path), allow_pickle=False) as z:
+        header = json.loads(bytes(z["header"]).decode())
+        if header.get("format") != _FORMAT or header.get("version") != _VERSION:
+            raise ValueError(
+                f"{path}: not a {_FORMAT} v{_VERSION} file (header {str(header)[:80]})"
+            )
+        indices, codebooks, floats = z["indices"], z["codebooks"], z["floats"]
+    values = {}
+    for e in header["leaves"]:
+        shape, n = tuple(e["shape"]), math.prod(e["shape"])
+        if e["bits"] is None:
+            x = floats[e["offset"] : e["offset"] + n].reshape(shape)
+        else:
+            cb_shape = tuple(e["codebook_shape"])
+            cb = codebooks[
+                e["codebook_offset"] : e["codebook_offset"] + math.prod(cb_shape)
+            ].reshape(cb_shape)
+            nbytes = -(-n * e["bits"] // 8)
+            idx = _unpack(indices[e["offset"] : e["offset"] + nbytes], e["bits"], n)
+            if e["per_channel"]:
+                c = shape[-1]
+                x = np.take_along_axis(cb.T, idx.reshape(-1, c), axis=0).reshape(shape)
+            else:
+                x = cb[idx].reshape(shape)
+        values[tuple(e["path"])] = jnp.asarray(x).astype(e["dtype"])
+    if target is None:
+        root: dict = {}
+        for parts, x in values.items():
+            node = root
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = x
+        return root
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target)
+    keys = [tuple(quant._key_parts(kp)) for kp, _ in flat]
+    missing = [quant.path_str(kp) for (kp, _), k in zip(flat, keys) if k not in values]
+    if missing or len(keys) != len(values):
+        raise ValueError(
+            f"{path}: leaves do not match target (missing {missing[:5]}, file has {len(values)}, target {len(keys)})"
+        )
+    return treedef.unflatten([values[k] for k in keys])
