@@ -1,12 +1,14 @@
 """Training throughput (examples/s) of sqjax encoders on the current backend.
 
     python bench/bench_train.py                                  # demo model + resnet34
+    python bench/bench_train.py --models resnet_demo:width=8:embed_dim=128 --qat-bits 2,8
     python bench/bench_train.py --models resnet_demo,resnet_demo:width=8 --batches 8,16,32 \
         --cpu-devices 1,2
 
 For each model and per-device batch size it times jitted ``train_step`` calls on random
-200-frame inputs (compile time reported apart), with the batch sharded over every
-device. ``--cpu-devices 1,2`` reruns the table in subprocesses with that many simulated
+200-frame inputs (median warm step; compile time reported apart), with the batch
+sharded over every device. ``--qat-bits 2,8`` also times the QAT step (K-means
+quantized forward, straight-through backward) and prints its ratio to the FP32 step. ``--cpu-devices 1,2`` reruns the table in subprocesses with that many simulated
 CPU devices (data parallelism over cores), ``--microbatches`` accumulates gradients over
 that many chunks per step.
 """
@@ -20,7 +22,7 @@ import sys
 import time
 
 
-def bench(models_, batches, steps, microbatches, n_frames, n_classes):
+def bench(models_, batches, steps, microbatches, n_frames, n_classes, qat_bits):
     import functools
 
     import jax
@@ -29,44 +31,55 @@ def bench(models_, batches, steps, microbatches, n_frames, n_classes):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from sqjax import models, train
+    from sqjax import models, quant, train
 
     mesh = train.make_mesh()
     n_dev = mesh.devices.size
+    rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     print(f"# backend={jax.default_backend()} devices={n_dev} microbatches={microbatches}")
-    print(f"{'model':>28} {'batch/dev':>9} {'compile_s':>9} {'step_s':>8} {'examples/s':>10}")
+    print(f"{'model':>34} {'precision':>9} {'batch/dev':>9} {'compile_s':>9} {'step_s':>8} "
+          f"{'examples/s':>10} {'vs_fp32':>7}")
     for spec in models_:
         # "resnet_demo:width=8:embed_dim=128" = a preset with overrides
         name, *kv = spec.split(":")
         encoder = models.build_encoder(name, **{k: int(v) for k, v in (x.split("=") for x in kv)})
-        name = spec
         head = models.AAMSoftmax(num_classes=n_classes)
         tx = optax.sgd(0.01, momentum=0.9)
         for per_dev in batches:
             b = per_dev * n_dev
-            rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-            state = jax.device_put(
-                train.create_train_state(jax.random.key(0), encoder, head, tx, n_frames), rep
-            )
             rng = np.random.default_rng(0)
             batch = jax.device_put(
                 {"feats": rng.normal(size=(b, n_frames, 80)).astype(np.float32),
                  "labels": rng.integers(0, n_classes, b).astype(np.int32)}, shard)
-            step = jax.jit(
-                functools.partial(train.train_step, encoder=encoder, head=head, tx=tx, margin=0.2,
-                                  margin_warmup_steps=0, microbatches=microbatches),
-                in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0)
-            tic = time.perf_counter()
-            state, m = step(state, batch)
-            jax.block_until_ready(m)
-            compile_s = time.perf_counter() - tic
-            tic = time.perf_counter()
-            for _ in range(steps):
+            fp32_dt = None
+            for bits in (0, *qat_bits):
+                state = train.create_train_state(jax.random.key(0), encoder, head, tx, n_frames)
+                quantizer = None
+                if bits:
+                    quantizer = quant.kmeans_quantizer(quant.default_rules(bits))
+                    state = state.replace(qstate=quantizer.init(state.params["encoder"]))
+                state = jax.device_put(state, rep)
+                step = jax.jit(
+                    functools.partial(train.train_step, encoder=encoder, head=head, tx=tx,
+                                      margin=0.2, margin_warmup_steps=0, quantizer=quantizer,
+                                      microbatches=microbatches),
+                    in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0)
+                tic = time.perf_counter()
                 state, m = step(state, batch)
-                jax.block_until_ready(m)  # one step at a time: see the deadlock note in train.py
-            dt = (time.perf_counter() - tic) / steps
-            print(f"{name:>28} {per_dev:>9} {compile_s:>9.1f} {dt:>8.3f} {b / dt:>10.1f}", flush=True)
-            del state, batch
+                jax.block_until_ready(m)
+                compile_s = time.perf_counter() - tic
+                times = []
+                for _ in range(steps):
+                    tic = time.perf_counter()
+                    state, m = step(state, batch)
+                    jax.block_until_ready(m)  # one step at a time: see the note in train.py
+                    times.append(time.perf_counter() - tic)
+                dt = float(np.median(times))
+                fp32_dt = fp32_dt or dt
+                label = f"{bits}bit" if bits else "fp32"
+                print(f"{spec:>34} {label:>9} {per_dev:>9} {compile_s:>9.1f} {dt:>8.3f} "
+                      f"{b / dt:>10.1f} {dt / fp32_dt:>7.2f}", flush=True)
+                del state
 
 
 def main():
@@ -77,6 +90,7 @@ def main():
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--n-frames", type=int, default=200)
     p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--qat-bits", default="", help="e.g. 2,8: also time QAT steps at these widths")
     p.add_argument("--cpu-devices", default="", help="e.g. 1,2: one subprocess per count")
     a = p.parse_args()
     if a.cpu_devices:
@@ -85,11 +99,12 @@ def main():
                        XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
             argv = [f"--models={a.models}", f"--batches={a.batches}", f"--steps={a.steps}",
                     f"--microbatches={a.microbatches}", f"--n-frames={a.n_frames}",
-                    f"--classes={a.classes}"]
+                    f"--classes={a.classes}", f"--qat-bits={a.qat_bits}"]
             subprocess.run([sys.executable, __file__, *argv], env=env, check=True)
         return
     bench(a.models.split(","), [int(x) for x in a.batches.split(",")], a.steps,
-          a.microbatches, a.n_frames, a.classes)
+          a.microbatches, a.n_frames, a.classes,
+          [int(x) for x in a.qat_bits.split(",") if x])
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ def get_config():
     c.data.synth = True
     c.data.synth_dir = "data/synth-demo"
     c.model.name = "resnet_demo"
+    c.model.width = 8
     c.model.embed_dim = 128
     c.head.margin_warmup_steps = 200
     c.train.num_steps = 600
-    c.train.batch_size = 64
+    c.train.batch_size = 32
     c.train.n_frames = 200
     c.train.optimizer = "adamw"
     c.train.learning_rate = 3e-3

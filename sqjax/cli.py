@@ -35,11 +35,29 @@ def _print_metrics(result: dict, title: str) -> None:
         print(f"  EER / baseline EER = {result['eer'] / result['baseline/eer']:.3f}")
 
 
+def _init_distributed(config) -> None:
+    if config.distributed:  # once per process, before any computation
+        import jax
+
+        jax.distributed.initialize()
+
+
+def _bits_list(text: str) -> tuple[int, ...]:
+    try:
+        bits = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 8,4,2, got {text!r}")
+    if not all(1 <= b <= 8 for b in bits):
+        raise argparse.ArgumentTypeError(f"bit widths must be in 1..8, got {text!r}")
+    return bits
+
+
 def cmd_train(args, overrides) -> None:
     from sqjax import config as config_lib
     from sqjax import train
 
     config = config_lib.load_config(args.config, overrides)
+    _init_distributed(config)
     result = train.train_and_evaluate(config, args.workdir)
     _print_metrics(result, f"test metrics ({args.workdir})")
 
@@ -49,6 +67,7 @@ def cmd_qat(args, overrides) -> None:
     from sqjax import study
 
     config = config_lib.load_config(args.config, overrides)
+    _init_distributed(config)
     _print_table(study.quantization_study(config, args.workdir))
 
 
@@ -61,8 +80,7 @@ def _print_table(rows: dict) -> None:
 def cmd_ptq(args, overrides) -> None:
     from sqjax import study
 
-    bits = tuple(int(b) for b in args.bits.split(","))
-    _print_table(study.ptq_workdir(args.workdir, bits))
+    _print_table(study.ptq_workdir(args.workdir, args.bits))
 
 
 def cmd_export(args, overrides) -> None:
@@ -121,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("ptq", help="post-training quantization of an FP32 run, scored per width")
     pt.add_argument("--workdir", required=True, help="FP32 run directory")
-    pt.add_argument("--bits", default="8,4,3,2,1", help="comma-separated bit widths")
+    pt.add_argument("--bits", type=_bits_list, default=(8, 4, 3, 2, 1), help="e.g. 8,4,2")
     pt.set_defaults(fn=cmd_ptq)
 
     x = sub.add_parser("export", help="write a run's encoder as packed b-bit indices + codebooks")
@@ -152,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args, rest = build_parser().parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
+    if rest and args.command not in ("train", "qat", "eval"):
+        bad = rest  # these commands take no config
     if bad:
         build_parser().error(f"unrecognised arguments: {' '.join(bad)}")
     _set_cpu_devices(args.cpu_devices)

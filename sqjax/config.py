@@ -137,10 +137,12 @@ def apply_overrides(
         if leaf not in node:
             raise KeyError(f"override {item!r}: config has no key {key!r} (in {path})")
         old = node[leaf]
+        if isinstance(old, str):
+            value = text  # a path like "2024" stays a string
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if isinstance(old, tuple) and isinstance(value, list):
-            value = tuple(value)
+        if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
+            value = type(old)(value)  # JSON round trips (config.json) turn tuples to lists
         if old is not None and type(old) is not type(value):
             raise TypeError(
                 f"override {item!r}: {key} is {type(old).__name__}, got {type(value).__name__}"

@@ -6,6 +6,7 @@ Everything here is pure in the model variables: ``embed(variables, feats)`` may 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -42,7 +43,7 @@ def extract_embeddings(
     Utterances are grouped by length rung and run in fixed-size batches (the last one
     padded by repetition), so the number of compiled programs is the number of rungs.
     Utterances longer than ``max_frames`` are split into ``max_frames`` chunks whose
-    embeddings are averaged (a tail shorter than ``min_frames`` is dropped); those shorter than ``min_frames`` are repeated to fit.
+    embeddings are averaged, weighted by length (a tail shorter than ``min_frames`` is dropped); those shorter than ``min_frames`` are repeated to fit.
     ``embed`` should be jitted by the caller.
     """
     rungs = length_buckets(min_frames, max_frames)
@@ -68,8 +69,8 @@ def extract_embeddings(
             if sums is None:
                 sums = np.zeros((len(feats), emb.shape[-1]), np.float64)
             idx = np.array([i for i, _ in chunk])
-            np.add.at(sums, idx, emb)
-            np.add.at(counts, idx, 1)
+            np.add.at(sums, idx, emb * rung)  # chunks of one utterance weigh by length
+            np.add.at(counts, idx, rung)
     return (sums / counts[:, None]).astype(np.float32)
 
 
@@ -126,17 +127,15 @@ def evaluate_run(
     When ``config.eval.baseline`` is set, the raw-feature baseline's metrics on the same
     trials are added under ``baseline/`` (standardised with ``train_split``'s statistics).
     """
-    import json
     from pathlib import Path
 
     from sqjax import metrics, prepare
-    from sqjax.train import build_encoder
+    from sqjax.train import build_encoder, write_json
 
     workdir = Path(workdir)
     split = split or prepare.test_data(config)
-    encoder = build_encoder(config)
-    embed = jax.jit(lambda v, x: encoder.apply(v, x, train=False))
-    variables = encoder_variables(jax.device_get(state), quantizer)
+    embed = jitted_embed(build_encoder(config))
+    variables = encoder_variables(state, quantizer)
     scores = score_split(
         embed, variables, split, batch_size=config.eval.batch_size, max_frames=config.eval.max_frames
     )
@@ -150,8 +149,15 @@ def evaluate_run(
         result.update({f"baseline/{k}": v for k, v in base_result.items()})
     result = {k: float(v) for k, v in result.items()}
     result["step"] = int(state.step)
-    np.savez(workdir / f"scores_{tag}.npz", scores=scores, labels=labels)
-    tmp = workdir / f"metrics_{tag}.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True))
-    tmp.replace(workdir / f"metrics_{tag}.json")
+    if jax.process_index() == 0:
+        tmp = workdir / f".scores_{tag}.tmp.npz"
+        np.savez(tmp, scores=scores, labels=labels)
+        tmp.replace(workdir / f"scores_{tag}.npz")
+        write_json(workdir / f"metrics_{tag}.json", result)
     return result
+
+
+@functools.lru_cache(maxsize=8)
+def jitted_embed(encoder) -> EmbedFn:
+    """``jit(encoder.apply)`` in inference mode, one per encoder (so compiles are reused)."""
+    return jax.jit(lambda variables, x: encoder.apply(variables, x, train=False))

@@ -45,7 +45,7 @@ class CropSampler:
         if len(feats) != len(labels):
             raise ValueError(f"got {len(feats)} feature arrays but {len(labels)} labels")
         if len(feats) == 0:
-            raise ValueError("no training utterances: check the training data dir")
+            raise ValueError("no training utterances: check config.data.train")
         self.feats, self.labels, self.n_frames, self.seed = feats, labels, n_frames, seed
         self.n_speakers = int(labels.max()) + 1
         order = np.argsort(labels, kind="stable")
@@ -84,7 +84,9 @@ def prefetch(
     """
     n_proc, proc = jax.process_count(), jax.process_index()
     if global_batch % n_proc:
-        raise ValueError(f"batch_size {global_batch} is not divisible by {n_proc} processes")
+        raise ValueError(
+            f"config.train.batch_size={global_batch} is not divisible by {n_proc} processes"
+        )
     local_batch = global_batch // n_proc
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()

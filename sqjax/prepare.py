@@ -103,9 +103,9 @@ def load_split(
     return Split(corpus, raw, trials)
 
 
-def _split(config, d, data_dir: str, trials: str | None) -> Split:
+def _split(config, d, data_dir: str, trials: str | None, key: str) -> Split:
     if not data_dir:
-        raise ValueError("no data dir: set config.data.train / config.data.test or data.synth=True")
+        raise ValueError(f"config.data.{key} is empty: set it to a data dir, or data.synth=True")
     return load_split(
         data_dir,
         trials,
@@ -121,7 +121,7 @@ def _split(config, d, data_dir: str, trials: str | None) -> Split:
 def training_data(config: ml_collections.ConfigDict) -> Split:
     """The training split named by ``config.data`` (all its utterances)."""
     d = resolve_paths(config)
-    split = _split(config, d, d.train, None)
+    split = _split(config, d, d.train, None, "train")
     log.info("train: %d utterances, %d speakers", len(split.corpus.utts), split.n_speakers)
     return split
 
@@ -131,4 +131,4 @@ def test_data(config: ml_collections.ConfigDict) -> Split:
     d = resolve_paths(config)
     if not d.test_trials:
         raise ValueError("no test trials: set config.data.test_trials (or use data.synth=True)")
-    return _split(config, d, d.test, d.test_trials)
+    return _split(config, d, d.test, d.test_trials, "test")

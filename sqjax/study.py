@@ -29,7 +29,13 @@ def quantization_study(config: ml_collections.ConfigDict, workdir: str | Path) -
     rows = {}
     if q.init_from:
         init_from = Path(q.init_from)
-        rows["fp32"] = json.loads((init_from / "metrics_test.json").read_text())
+        metrics_file = init_from / "metrics_test.json"
+        if not metrics_file.exists():
+            raise FileNotFoundError(
+                f"config.quant.init_from={init_from}: no {metrics_file.name}; "
+                f"score the run first: sqjax eval --workdir {init_from}"
+            )
+        rows["fp32"] = json.loads(metrics_file.read_text())
     else:
         init_from = workdir / "fp32"
         fp32 = ml_collections.ConfigDict(config.to_dict())
@@ -78,12 +84,17 @@ def export_workdir(workdir: str | Path, out: str | Path | None = None, bits: int
     """
     workdir = Path(workdir)
     config, state, quantizer = restore_run(workdir)
-    qstate = state.qstate
-    if quantizer is None or bits:
+    if quantizer is not None:
+        if bits and bits != config.quant.bits:
+            raise ValueError(
+                f"{workdir} is a {config.quant.bits}-bit QAT run: export it without --bits "
+                "(its own codebooks), or quantize its FP32 parent run instead"
+            )
+        bits, qstate = config.quant.bits, state.qstate
+    else:
         if not bits:
             raise ValueError(f"{workdir} is an FP32 run: give --bits for post-training quantization")
         quantizer = build_quantizer(config, bits)
         qstate = quantizer.init(state.params["encoder"])
-    bits = bits or config.quant.bits
     path = Path(out) if out else workdir / f"encoder_{bits}bit.npz"
     return path, export.export_packed(path, state.params["encoder"], qstate)

@@ -45,6 +45,8 @@ def make_mesh(num_devices: int = 0) -> Mesh:
     """A 1-D ``data`` mesh over the first ``num_devices`` devices (0 = all)."""
     devices = jax.devices()
     if num_devices:
+        if jax.process_count() > 1:
+            raise ValueError("config.num_devices must be 0 (every device) in a multi-host run")
         if num_devices > len(devices):
             raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices exist")
         devices = devices[:num_devices]
@@ -130,6 +132,7 @@ def train_step(
     With a ``quantizer`` the encoder runs on quantized weights and the straight-through
     gradient updates the latent FP32 weights. ``microbatches > 1`` accumulates gradients
     over batch chunks: XLA:CPU computes conv weight gradients faster on small batches.
+    Donate ``state`` when jitting; the step is pure.
     """
     m = margin_at(state.step, margin, margin_warmup_steps)
 
@@ -157,16 +160,19 @@ def train_step(
             x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:])
             return jnp.swapaxes(x, 0, 1)
 
+        # Every chunk starts from the same running statistics and their updates are
+        # averaged: one BatchNorm momentum step per optimizer step, as without chunks.
+        # Normalisation itself uses each chunk's statistics ("ghost" BatchNorm).
         def body(carry, chunk):
-            grads, batch_stats, loss, acc = carry
-            (l, (batch_stats, a)), g = grad_fn(state.params, batch_stats, *chunk)
-            grads = jax.tree.map(jnp.add, grads, g)
-            return (grads, batch_stats, loss + l, acc + a), None
+            grads, stats, loss, acc = carry
+            (l, (bs, a)), g = grad_fn(state.params, state.batch_stats, *chunk)
+            add = functools.partial(jax.tree.map, jnp.add)
+            return (add(grads, g), add(stats, bs), loss + l, acc + a), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        carry = (zeros, state.batch_stats, 0.0, 0.0)
+        zeros = jax.tree.map(jnp.zeros_like, (state.params, state.batch_stats))
+        carry = (*zeros, 0.0, 0.0)
         (grads, batch_stats, loss, acc), _ = jax.lax.scan(body, carry, (split(feats), split(labels)))
-        grads = jax.tree.map(lambda g: g / microbatches, grads)
+        grads, batch_stats = jax.tree.map(lambda x: x / microbatches, (grads, batch_stats))
         loss, acc = loss / microbatches, acc / microbatches
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -174,7 +180,8 @@ def train_step(
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
-    metrics = {"loss": loss, "accuracy": acc, "margin": m, "grad_norm": optax.tree_utils.tree_norm(grads)}
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    metrics = {"loss": loss, "accuracy": acc, "margin": m, "grad_norm": grad_norm}
     return new_state, metrics
 
 
@@ -196,14 +203,23 @@ def _checkpoint_manager(workdir: Path, config) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options)
 
 
-def restore_state(workdir: Path, target: TrainState, config, step: int | None = None) -> TrainState:
-    """The checkpoint at ``step`` (latest by default) of ``workdir``, shaped like ``target``."""
+def restore_state(
+    workdir: Path, target: TrainState, config, step: int | None = None, sharding=None
+) -> TrainState:
+    """The checkpoint at ``step`` (latest by default) of ``workdir``, shaped like ``target``
+    and placed with ``sharding`` (default: replicated over every device)."""
+    if sharding is None:
+        sharding = NamedSharding(make_mesh(), P())
     with _checkpoint_manager(Path(workdir), config) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        return _restore(mngr, step, target, sharding)
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, target: TrainState, sharding) -> TrainState:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target)
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
 def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -229,24 +245,66 @@ def write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """A run resumes exactly only under the config it started with: refuse any other."""
+    old = load_run_config(workdir).to_dict()
+    new = json.loads(config.to_json())
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            elif k != "progress":
+                yield f"{prefix}{k}", v
+
+    old, new = dict(flat(old)), dict(flat(new))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        raise ValueError(
+            f"{workdir} holds checkpoints of a run with another config (changed: "
+            f"{', '.join(changed)}); use a new --workdir, or the run's own settings to resume"
+        )
+
+
+def _check_init_from(init_from: str, fp32: TrainState, state: TrainState, bits_of_init: int) -> None:
+    if bits_of_init:
+        raise ValueError(
+            f"config.quant.init_from={init_from} is a {bits_of_init}-bit QAT run: give an FP32 run"
+        )
+    want = jax.tree.map(jnp.shape, (state.params, state.batch_stats))
+    got = jax.tree.map(jnp.shape, (fp32.params, fp32.batch_stats))
+    if want != got:
+        raise ValueError(
+            f"config.quant.init_from={init_from}: its model or speaker count differs from this "
+            "config's (parameter shapes differ); give the FP32 run of the same model and data"
+        )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains (or resumes) the run in ``workdir``, then scores the test trials.
 
-    Returns the test metrics (also written to ``workdir/metrics_test.json``).
+    Returns the test metrics (also written to ``workdir/metrics_test.json``). Multi-host
+    runs call ``jax.distributed.initialize()`` first (the ``sqjax`` command does when
+    ``config.distributed`` is set); only process 0 writes logs and results.
     """
     from tensorboardX import SummaryWriter
 
-    if config.distributed:
-        jax.distributed.initialize()
+    t = config.train
+    for key in ("checkpoint_every", "log_every", "num_steps"):
+        if t[key] <= 0:
+            raise ValueError(f"config.train.{key}={t[key]} must be positive")
+    if config.quant.bits and config.quant.refresh_every <= 0:
+        raise ValueError(f"config.quant.refresh_every={config.quant.refresh_every} must be positive")
+    paths = prepare.resolve_paths(config)
+    if not (paths.test and paths.test_trials):
+        raise ValueError("set config.data.test and config.data.test_trials (scored after training)")
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
     data = prepare.training_data(config)
     config = ml_collections.ConfigDict(config.to_dict())  # the caller's config stays as it was
     config.head.num_classes = data.n_speakers
-    write_json(workdir / "config.json", json.loads(config.to_json()))
     mesh = make_mesh(config.num_devices)
     n_dev = mesh.devices.size
-    t = config.train
     if t.batch_size % (n_dev * t.microbatches):
         raise ValueError(
             f"config.train.batch_size={t.batch_size} must be divisible by the device count "
@@ -261,20 +319,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     state = create_train_state(jax.random.key(config.seed), encoder, head, tx, t.n_frames)
     with _checkpoint_manager(workdir, config) as mngr:
         start = mngr.latest_step()
+        if start is not None:
+            _check_resumable(workdir, config)
+        elif is_main:
+            write_json(workdir / "config.json", json.loads(config.to_json()))
         if quantizer is not None and start is None:
             if not config.quant.init_from:
                 raise ValueError("config.quant.bits is set: give config.quant.init_from=<FP32 workdir>")
-            _, fp32, _ = restore_run(config.quant.init_from)
+            init_config, fp32, _ = restore_run(config.quant.init_from)
+            _check_init_from(config.quant.init_from, fp32, state, init_config.quant.bits)
             state = state.replace(params=fp32.params, batch_stats=fp32.batch_stats)
-            qstate = quantizer.init(state.params["encoder"])
-            state = state.replace(qstate=qstate, opt_state=tx.init(state.params))
-        elif quantizer is not None:
+            state = state.replace(qstate=quantizer.init(state.params["encoder"]))
+        elif quantizer is not None:  # a restore template; the checkpoint holds the codebooks
             state = state.replace(qstate=quantizer.init(state.params["encoder"]))
         if start is not None:
             log.info("resuming %s from step %d", workdir, start)
-            state = mngr.restore(
-                start, args=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
-            )
+            state = _restore(mngr, start, state, replicated)
         start = start or 0
         state = jax.device_put(state, replicated)
 
@@ -293,49 +353,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             out_shardings=(replicated, replicated),
             donate_argnums=0,
         )
-        refresh = None
         if quantizer is not None:
-            refresh = jax.jit(lambda s: s.replace(qstate=quantizer.update(s.params["encoder"], s.qstate)))
+            update = jax.jit(
+                quantizer.update, in_shardings=replicated, out_shardings=replicated, donate_argnums=1
+            )
+
+            def refresh(state):
+                return state.replace(qstate=update(state.params["encoder"], state.qstate))
 
         sampler = CropSampler(data.feats, data.labels, t.n_frames, config.seed)
-        writer = SummaryWriter(str(workdir / "tensorboard"))
         log_path = workdir / "metrics.jsonl"
-        _truncate_log(log_path, start)
+        if is_main:
+            _truncate_log(log_path, start)
+            writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=start or None)
         bar = tqdm(
             total=t.num_steps * t.batch_size, initial=start * t.batch_size, unit="ex",
-            unit_scale=True, desc=f"train {workdir.name}", disable=not config.progress,
-            mininterval=2.0,
+            unit_scale=True, desc=f"train {workdir.name}", mininterval=2.0,
+            disable=not (config.progress and is_main),
         )
         pending, tic = [], time.perf_counter()
         for step, batch in enumerate(
             prefetch(sampler, start, t.num_steps, t.batch_size, batch_sharding), start=start
         ):
-            if refresh is not None and step % config.quant.refresh_every == 0 and step > 0:
+            if quantizer is not None and step % config.quant.refresh_every == 0 and step > 0:
                 state = refresh(state)
             state, metrics = step_fn(state, batch)
             pending.append(metrics)
             done = step + 1
-            # Block every few steps: queueing many sharded steps on simulated CPU
-            # devices deadlocks XLA's collectives.
-            if len(pending) >= t.log_every or done == t.num_steps:
+            if done % t.log_every == 0 or done == t.num_steps:
                 host = jax.device_get(pending)
                 rate = len(pending) * t.batch_size / (time.perf_counter() - tic)
                 row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
                 row.update(step=done, examples_per_s=rate)
-                with log_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                for k, v in row.items():
-                    if k != "step":
-                        writer.add_scalar(f"train/{k}", v, done)
+                if is_main:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    for k, v in row.items():
+                        if k != "step":
+                            writer.add_scalar(f"train/{k}", v, done)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
                 bar.update(len(pending) * t.batch_size)
                 pending, tic = [], time.perf_counter()
+            elif done % 8 == 0:
+                # Never queue many steps: sharded steps on simulated CPU devices deadlock
+                # in XLA's collectives when ~40 are in flight.
+                jax.block_until_ready(metrics)
             if done % t.checkpoint_every == 0 or done == t.num_steps:
-                if refresh is not None and done == t.num_steps:
+                if quantizer is not None and done == t.num_steps:
                     state = refresh(state)  # the final codebooks match the final weights
                 mngr.save(done, args=ocp.args.StandardSave(state))
         bar.close()
-        writer.close()
+        if is_main:
+            writer.close()
         mngr.wait_until_finished()
 
     return evaluate.evaluate_run(

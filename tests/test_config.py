@@ -36,3 +36,9 @@ def test_override_errors_name_the_key():
         load_config(CONFIGS / "demo.py", ["--config.train.num_steps"])
     with pytest.raises(FileNotFoundError, match="nope.py"):
         load_config(CONFIGS / "nope.py")
+
+
+def test_string_and_sequence_overrides_keep_their_types():
+    c = load_config(CONFIGS / "demo.py", ["--config.data.synth_dir=2024", "--config.quant.keep_float=['a']"])
+    assert c.data.synth_dir == "2024"
+    assert c.quant.keep_float == ("a",)

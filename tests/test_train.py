@@ -4,10 +4,12 @@ The runs use configs/tiny.py on a tiny synthetic corpus built once per session.
 """
 
 import shutil
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from sqjax import models, study, train
 
@@ -17,11 +19,10 @@ def _params(workdir):
 
 
 def _assert_trees(a, b, **tol):
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-        if tol:
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=str(path), **tol)
-        else:
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+    if tol:
+        chex.assert_trees_all_close(a, b, **tol)
+    else:
+        chex.assert_trees_all_equal(a, b)
 
 
 def test_margin_warmup():
@@ -34,7 +35,8 @@ def test_margin_warmup():
 def test_microbatches_equal_full_batch_when_chunks_are_identical():
     # Chunk c holds examples c, c+m, ...: with each example repeated m times in a row,
     # every chunk equals the de-duplicated batch, so BatchNorm statistics, loss and
-    # gradients must equal the single-chunk step on that batch.
+    # gradients -- and the running-statistics update -- must equal the single-chunk step
+    # on that batch.
     encoder = models.build_encoder("resnet_tiny", embed_dim=8)
     head = models.AAMSoftmax(num_classes=3, scale=8.0)
     tx = optax.sgd(0.1)
@@ -48,6 +50,7 @@ def test_microbatches_equal_full_batch_when_chunks_are_identical():
     two, m2 = train.train_step(state, doubled, microbatches=2, **kw)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
     _assert_trees(one.params, two.params, rtol=1e-4, atol=1e-6)
+    _assert_trees(one.batch_stats, two.batch_stats, rtol=1e-4, atol=1e-6)
 
 
 def test_one_and_two_devices_train_the_same(tiny_config, tmp_path):
@@ -75,7 +78,10 @@ def test_interrupted_run_resumes_exactly(tiny_config, tmp_path):
     assert resumed["eer"] == result["eer"]
     steps = [int(line.split('"step": ')[1].split(",")[0].rstrip("}"))
              for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 6  # no duplicated log rows
+    assert steps == [2, 4, 6]  # log_every=2: the same rows as without the interruption
+    c.train.learning_rate = 0.5
+    with pytest.raises(ValueError, match="changed: train.learning_rate"):
+        train.train_and_evaluate(c, tmp_path)
 
 
 def test_qat_study_trains_on_codebook_and_resumes(tiny_config, tmp_path):
