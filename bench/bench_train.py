@@ -37,8 +37,10 @@ def bench(models_, batches, steps, microbatches, n_frames, n_classes, qat_bits):
     n_dev = mesh.devices.size
     rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     print(f"# backend={jax.default_backend()} devices={n_dev} microbatches={microbatches}")
-    print(f"{'model':>34} {'precision':>9} {'batch/dev':>9} {'compile_s':>9} {'step_s':>8} "
-          f"{'examples/s':>10} {'vs_fp32':>7}")
+    print(
+        f"{'model':>34} {'precision':>9} {'batch/dev':>9} {'compile_s':>9} {'step_s':>8} "
+        f"{'examples/s':>10} {'vs_fp32':>7}"
+    )
     for spec in models_:
         # "resnet_demo:width=8:embed_dim=128" = a preset with overrides
         name, *kv = spec.split(":")
@@ -49,8 +51,12 @@ def bench(models_, batches, steps, microbatches, n_frames, n_classes, qat_bits):
             b = per_dev * n_dev
             rng = np.random.default_rng(0)
             batch = jax.device_put(
-                {"feats": rng.normal(size=(b, n_frames, 80)).astype(np.float32),
-                 "labels": rng.integers(0, n_classes, b).astype(np.int32)}, shard)
+                {
+                    "feats": rng.normal(size=(b, n_frames, 80)).astype(np.float32),
+                    "labels": rng.integers(0, n_classes, b).astype(np.int32),
+                },
+                shard,
+            )
             fp32_dt = None
             for bits in (0, *qat_bits):
                 state = train.create_train_state(jax.random.key(0), encoder, head, tx, n_frames)
@@ -60,10 +66,20 @@ def bench(models_, batches, steps, microbatches, n_frames, n_classes, qat_bits):
                     state = state.replace(qstate=quantizer.init(state.params["encoder"]))
                 state = jax.device_put(state, rep)
                 step = jax.jit(
-                    functools.partial(train.train_step, encoder=encoder, head=head, tx=tx,
-                                      margin=0.2, margin_warmup_steps=0, quantizer=quantizer,
-                                      microbatches=microbatches),
-                    in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0)
+                    functools.partial(
+                        train.train_step,
+                        encoder=encoder,
+                        head=head,
+                        tx=tx,
+                        margin=0.2,
+                        margin_warmup_steps=0,
+                        quantizer=quantizer,
+                        microbatches=microbatches,
+                    ),
+                    in_shardings=(rep, shard),
+                    out_shardings=(rep, rep),
+                    donate_argnums=0,
+                )
                 tic = time.perf_counter()
                 state, m = step(state, batch)
                 jax.block_until_ready(m)
@@ -77,8 +93,11 @@ def bench(models_, batches, steps, microbatches, n_frames, n_classes, qat_bits):
                 dt = float(np.median(times))
                 fp32_dt = fp32_dt or dt
                 label = f"{bits}bit" if bits else "fp32"
-                print(f"{spec:>34} {label:>9} {per_dev:>9} {compile_s:>9.1f} {dt:>8.3f} "
-                      f"{b / dt:>10.1f} {dt / fp32_dt:>7.2f}", flush=True)
+                print(
+                    f"{spec:>34} {label:>9} {per_dev:>9} {compile_s:>9.1f} {dt:>8.3f} "
+                    f"{b / dt:>10.1f} {dt / fp32_dt:>7.2f}",
+                    flush=True,
+                )
                 del state
 
 
@@ -95,16 +114,31 @@ def main():
     a = p.parse_args()
     if a.cpu_devices:
         for n in a.cpu_devices.split(","):
-            env = dict(os.environ, JAX_PLATFORMS="cpu",
-                       XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
-            argv = [f"--models={a.models}", f"--batches={a.batches}", f"--steps={a.steps}",
-                    f"--microbatches={a.microbatches}", f"--n-frames={a.n_frames}",
-                    f"--classes={a.classes}", f"--qat-bits={a.qat_bits}"]
+            env = dict(
+                os.environ,
+                JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+            )
+            argv = [
+                f"--models={a.models}",
+                f"--batches={a.batches}",
+                f"--steps={a.steps}",
+                f"--microbatches={a.microbatches}",
+                f"--n-frames={a.n_frames}",
+                f"--classes={a.classes}",
+                f"--qat-bits={a.qat_bits}",
+            ]
             subprocess.run([sys.executable, __file__, *argv], env=env, check=True)
         return
-    bench(a.models.split(","), [int(x) for x in a.batches.split(",")], a.steps,
-          a.microbatches, a.n_frames, a.classes,
-          [int(x) for x in a.qat_bits.split(",") if x])
+    bench(
+        a.models.split(","),
+        [int(x) for x in a.batches.split(",")],
+        a.steps,
+        a.microbatches,
+        a.n_frames,
+        a.classes,
+        [int(x) for x in a.qat_bits.split(",") if x],
+    )
 
 
 if __name__ == "__main__":

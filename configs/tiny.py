@@ -13,8 +13,14 @@ def get_config():
     c.data.synth = True
     c.data.synth_dir = "data/synth-tiny"
     c.data.synth_args.update(
-        n_train_speakers=8, n_dev_speakers=2, n_test_speakers=6, utts_per_speaker=4,
-        test_utts_per_speaker=3, n_trials=60, min_duration=1.0, max_duration=1.5,
+        n_train_speakers=8,
+        n_dev_speakers=2,
+        n_test_speakers=6,
+        utts_per_speaker=4,
+        test_utts_per_speaker=3,
+        n_trials=60,
+        min_duration=1.0,
+        max_duration=1.5,
     )
     c.data.min_seconds = 0.5
     c.model.name = "resnet_tiny"

@@ -1,11 +1,11 @@
 """The ``sqjax`` command: synth, train, qat, ptq, export, eval.
 
-    sqjax train --config configs/demo.py --workdir runs/demo [--config.train.num_steps=100]
-    sqjax qat   --config configs/qat_demo.py --workdir runs/demo_qat
-    sqjax ptq   --workdir runs/demo --bits 8,4,2
-    sqjax export --workdir runs/demo_qat/2bit
-    sqjax eval  --workdir runs/r34 --data /data/vox1 --trials /data/vox1/veri_test2.txt
-    sqjax synth --out data/synth --speakers 100
+sqjax train --config configs/demo.py --workdir runs/demo [--config.train.num_steps=100]
+sqjax qat   --config configs/qat_demo.py --workdir runs/demo_qat
+sqjax ptq   --workdir runs/demo --bits 8,4,2
+sqjax export --workdir runs/demo_qat/2bit
+sqjax eval  --workdir runs/r34 --data /data/vox1 --trials /data/vox1/veri_test2.txt
+sqjax synth --out data/synth --speakers 100
 """
 
 from __future__ import annotations
@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Config overrides: --config.<key>=<value>, e.g. --config.train.num_steps=100",
     )
     p.add_argument(
-        "--cpu-devices", type=int, default=int(os.environ.get("SQJAX_CPU_DEVICES", "1")),
+        "--cpu-devices",
+        type=int,
+        default=int(os.environ.get("SQJAX_CPU_DEVICES", "1")),
         help="simulated CPU devices for data parallelism on a CPU host (default 1)",
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -132,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", required=True, help="run directory (resumes if it has checkpoints)")
     t.set_defaults(fn=cmd_train)
 
-    q = sub.add_parser("qat", help="quantization-aware fine-tuning at each of config.quant.bits_list")
+    q = sub.add_parser(
+        "qat", help="quantization-aware fine-tuning at each of config.quant.bits_list"
+    )
     q.add_argument("--config", required=True, help="config file, e.g. configs/qat_demo.py")
     q.add_argument("--workdir", required=True, help="study directory: one sub-run per bit width")
     q.set_defaults(fn=cmd_qat)

@@ -26,19 +26,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.synth = False  # generate and use the built-in synthetic corpus
     c.data.synth_dir = "data/synth"
     c.data.synth_args = ml_collections.ConfigDict(
-        dict(
-            n_train_speakers=100,
-            n_dev_speakers=20,
-            n_test_speakers=50,
-            utts_per_speaker=16,
-            test_utts_per_speaker=8,
-            min_duration=2.0,
-            max_duration=4.0,
-            n_trials=4000,
-            difficulty=1.0,
-            seed=0,
-            workers=2,
-        )
+        {
+            "n_train_speakers": 100,
+            "n_dev_speakers": 20,
+            "n_test_speakers": 50,
+            "utts_per_speaker": 16,
+            "test_utts_per_speaker": 8,
+            "min_duration": 2.0,
+            "max_duration": 4.0,
+            "n_trials": 4000,
+            "difficulty": 1.0,
+            "seed": 0,
+            "workers": 2,
+        }
     )
     c.data.train = ""  # Kaldi data dir or VoxCeleb root (idXXXXX/video/nnnnn.wav)
     c.data.test = ""

@@ -24,7 +24,7 @@ def length_buckets(min_frames: int, max_frames: int, ratio: float = 1.1) -> np.n
     drops at most ``1 - 1/ratio`` (9%) of an utterance's frames and keeps the number of
     compiled shapes logarithmic in the length range.
     """
-    n = int(math.floor(math.log(max_frames / min_frames) / math.log(ratio))) + 1
+    n = math.floor(math.log(max_frames / min_frames) / math.log(ratio)) + 1
     rungs = np.unique(np.round(min_frames * ratio ** np.arange(n)).astype(int))
     return np.append(rungs[rungs < max_frames], max_frames)
 
@@ -109,7 +109,9 @@ def encoder_variables(state, quantizer=None) -> dict:
     return {"params": params, "batch_stats": state.batch_stats}
 
 
-def score_split(embed: EmbedFn, variables, split, *, batch_size: int, max_frames: int) -> np.ndarray:
+def score_split(
+    embed: EmbedFn, variables, split, *, batch_size: int, max_frames: int
+) -> np.ndarray:
     """Cosine scores of ``split.trials`` (a ``prepare.Split``) under ``variables``."""
     emb = extract_embeddings(
         embed, variables, split.feats, batch_size=batch_size, max_frames=max_frames
@@ -137,7 +139,11 @@ def evaluate_run(
     embed = jitted_embed(build_encoder(config))
     variables = encoder_variables(state, quantizer)
     scores = score_split(
-        embed, variables, split, batch_size=config.eval.batch_size, max_frames=config.eval.max_frames
+        embed,
+        variables,
+        split,
+        batch_size=config.eval.batch_size,
+        max_frames=config.eval.max_frames,
     )
     labels = split.trials.labels
     result = metrics.verification_metrics(scores, labels)

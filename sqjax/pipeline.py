@@ -98,11 +98,10 @@ def prefetch(
                     return
                 local = sampler.batch(step, local_batch, proc)
                 item = {
-                    k: jax.make_array_from_process_local_data(sharding, v)
-                    for k, v in local.items()
+                    k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()
                 }
                 q.put(item)
-        except BaseException as e:  # re-raised in the consumer, never swallowed
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the consumer, not swallowed
             q.put(e)
 
     thread = threading.Thread(target=work, daemon=True)

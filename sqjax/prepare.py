@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -62,7 +61,9 @@ def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     """``config.data`` with the built-in corpus generated and its paths filled in."""
     d = ml_collections.ConfigDict(config.data.to_dict())
     if d.synth:
-        root = synth.generate_corpus(d.synth_dir, **d.synth_args.to_dict(), progress=config.progress)
+        root = synth.generate_corpus(
+            d.synth_dir, **d.synth_args.to_dict(), progress=config.progress
+        )
         d.train = d.train or str(root / "train")
         d.test = d.test or str(root / "test")
         d.test_trials = d.test_trials or str(root / "test" / "trials")

@@ -12,10 +12,10 @@ import ml_collections
 
 from sqjax import evaluate, export, prepare
 from sqjax.train import (
-    write_json,
     build_quantizer,
     restore_run,
     train_and_evaluate,
+    write_json,
 )
 
 
@@ -93,7 +93,9 @@ def export_workdir(workdir: str | Path, out: str | Path | None = None, bits: int
         bits, qstate = config.quant.bits, state.qstate
     else:
         if not bits:
-            raise ValueError(f"{workdir} is an FP32 run: give --bits for post-training quantization")
+            raise ValueError(
+                f"{workdir} is an FP32 run: give --bits for post-training quantization"
+            )
         quantizer = build_quantizer(config, bits)
         qstate = quantizer.init(state.params["encoder"])
     path = Path(out) if out else workdir / f"encoder_{bits}bit.npz"

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import jax
@@ -27,6 +27,9 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from sqjax import evaluate, models, prepare
+
+if TYPE_CHECKING:
+    from sqjax import quant
 from sqjax.pipeline import CropSampler, prefetch
 
 log = logging.getLogger("sqjax")
@@ -150,9 +153,7 @@ def train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     feats, labels = batch["feats"], batch["labels"]
     if microbatches == 1:
-        (loss, (batch_stats, acc)), grads = grad_fn(
-            state.params, state.batch_stats, feats, labels
-        )
+        (loss, (batch_stats, acc)), grads = grad_fn(state.params, state.batch_stats, feats, labels)
     else:
         # Chunk c holds examples c, c+m, c+2m, ...: every device keeps an equal share of
         # each chunk, so the split needs no communication.
@@ -171,7 +172,9 @@ def train_step(
 
         zeros = jax.tree.map(jnp.zeros_like, (state.params, state.batch_stats))
         carry = (*zeros, 0.0, 0.0)
-        (grads, batch_stats, loss, acc), _ = jax.lax.scan(body, carry, (split(feats), split(labels)))
+        (grads, batch_stats, loss, acc), _ = jax.lax.scan(
+            body, carry, (split(feats), split(labels))
+        )
         grads, batch_stats = jax.tree.map(lambda x: x / microbatches, (grads, batch_stats))
         loss, acc = loss / microbatches, acc / microbatches
 
@@ -185,7 +188,7 @@ def train_step(
     return new_state, metrics
 
 
-def build_quantizer(config: ml_collections.ConfigDict, bits: int) -> "quant.KMeansQuantizer":
+def build_quantizer(config: ml_collections.ConfigDict, bits: int) -> quant.KMeansQuantizer:
     """The study's quantizer: every encoder kernel at ``bits``, minus keep-float rules."""
     from sqjax import quant
 
@@ -218,7 +221,9 @@ def restore_state(
 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, target: TrainState, sharding) -> TrainState:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target
+    )
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
@@ -266,7 +271,9 @@ def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _check_init_from(init_from: str, fp32: TrainState, state: TrainState, bits_of_init: int) -> None:
+def _check_init_from(
+    init_from: str, fp32: TrainState, state: TrainState, bits_of_init: int
+) -> None:
     if bits_of_init:
         raise ValueError(
             f"config.quant.init_from={init_from} is a {bits_of_init}-bit QAT run: give an FP32 run"
@@ -294,7 +301,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         if t[key] <= 0:
             raise ValueError(f"config.train.{key}={t[key]} must be positive")
     if config.quant.bits and config.quant.refresh_every <= 0:
-        raise ValueError(f"config.quant.refresh_every={config.quant.refresh_every} must be positive")
+        raise ValueError(
+            f"config.quant.refresh_every={config.quant.refresh_every} must be positive"
+        )
     paths = prepare.resolve_paths(config)
     if not (paths.test and paths.test_trials):
         raise ValueError("set config.data.test and config.data.test_trials (scored after training)")
@@ -325,7 +334,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             write_json(workdir / "config.json", json.loads(config.to_json()))
         if quantizer is not None and start is None:
             if not config.quant.init_from:
-                raise ValueError("config.quant.bits is set: give config.quant.init_from=<FP32 workdir>")
+                raise ValueError(
+                    "config.quant.bits is set: give config.quant.init_from=<FP32 workdir>"
+                )
             init_config, fp32, _ = restore_run(config.quant.init_from)
             _check_init_from(config.quant.init_from, fp32, state, init_config.quant.bits)
             state = state.replace(params=fp32.params, batch_stats=fp32.batch_stats)
@@ -355,7 +366,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         )
         if quantizer is not None:
             update = jax.jit(
-                quantizer.update, in_shardings=replicated, out_shardings=replicated, donate_argnums=1
+                quantizer.update,
+                in_shardings=replicated,
+                out_shardings=replicated,
+                donate_argnums=1,
             )
 
             def refresh(state):
@@ -367,8 +381,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             _truncate_log(log_path, start)
             writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=start or None)
         bar = tqdm(
-            total=t.num_steps * t.batch_size, initial=start * t.batch_size, unit="ex",
-            unit_scale=True, desc=f"train {workdir.name}", mininterval=2.0,
+            total=t.num_steps * t.batch_size,
+            initial=start * t.batch_size,
+            unit="ex",
+            unit_scale=True,
+            desc=f"train {workdir.name}",
+            mininterval=2.0,
             disable=not (config.progress and is_main),
         )
         pending, tic = [], time.perf_counter()

@@ -11,14 +11,14 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -31,6 +31,9 @@ def tiny_config(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     return load_config(
         CONFIGS / "tiny.py",
-        [f"--config.data.synth_dir={root}/synth", "--config.progress=False",
-         "--config.data.synth_args.workers=1"],
+        [
+            f"--config.data.synth_dir={root}/synth",
+            "--config.progress=False",
+            "--config.data.synth_args.workers=1",
+        ],
     )

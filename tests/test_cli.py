@@ -1,6 +1,7 @@
 """The sqjax command end to end on the tiny config: train, then eval on a trial list."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -27,25 +28,43 @@ def test_unknown_argument_is_an_error(capsys):
 
 def test_train_then_eval_on_a_trial_list(tiny_config, tmp_path, capsys):
     synth_dir = tiny_config.data.synth_dir
-    overrides = [f"--config.data.synth_dir={synth_dir}", "--config.progress=False",
-                 "--config.data.synth_args.workers=1", "--config.train.num_steps=2"]
-    cli.main(["train", "--config", str(CONFIGS / "tiny.py"), "--workdir", str(tmp_path), *overrides])
+    overrides = [
+        f"--config.data.synth_dir={synth_dir}",
+        "--config.progress=False",
+        "--config.data.synth_args.workers=1",
+        "--config.train.num_steps=2",
+    ]
+    cli.main(
+        ["train", "--config", str(CONFIGS / "tiny.py"), "--workdir", str(tmp_path), *overrides]
+    )
     out = capsys.readouterr().out
     assert "eer" in out and "raw-feature baseline" in out
     metrics = json.loads((tmp_path / "metrics_test.json").read_text())
     assert 0 <= metrics["eer"] <= 1 and metrics["step"] == 2
 
     # Score a Kaldi-format trial list that holds half of the test trials.
-    lines = open(f"{synth_dir}/test/trials").read().splitlines()
+    lines = Path(synth_dir, "test", "trials").read_text().splitlines()
     trials = tmp_path / "half.txt"
     trials.write_text("\n".join(lines[::2]) + "\n")
-    cli.main(["eval", "--workdir", str(tmp_path), "--data", f"{synth_dir}/test", "--trials", str(trials)])
+    cli.main(
+        ["eval", "--workdir", str(tmp_path), "--data", f"{synth_dir}/test", "--trials", str(trials)]
+    )
     half = json.loads((tmp_path / "metrics_half.json").read_text())
     assert half["n_target"] + half["n_nontarget"] == len(lines[::2])
 
     trials.write_text(lines[0] + "\nnot-an-utt spk00000-0000 target\n")
     with pytest.raises(DataError, match=r"half.txt:2"):
-        cli.main(["eval", "--workdir", str(tmp_path), "--data", f"{synth_dir}/test", "--trials", str(trials)])
+        cli.main(
+            [
+                "eval",
+                "--workdir",
+                str(tmp_path),
+                "--data",
+                f"{synth_dir}/test",
+                "--trials",
+                str(trials),
+            ]
+        )
 
 
 def test_ptq_and_export_of_an_fp32_run(tiny_config, tmp_path, capsys):
@@ -54,9 +73,15 @@ def test_ptq_and_export_of_an_fp32_run(tiny_config, tmp_path, capsys):
     from sqjax.export import load_packed
 
     synth_dir = tiny_config.data.synth_dir
-    overrides = [f"--config.data.synth_dir={synth_dir}", "--config.progress=False",
-                 "--config.data.synth_args.workers=1", "--config.train.num_steps=2"]
-    cli.main(["train", "--config", str(CONFIGS / "tiny.py"), "--workdir", str(tmp_path), *overrides])
+    overrides = [
+        f"--config.data.synth_dir={synth_dir}",
+        "--config.progress=False",
+        "--config.data.synth_args.workers=1",
+        "--config.train.num_steps=2",
+    ]
+    cli.main(
+        ["train", "--config", str(CONFIGS / "tiny.py"), "--workdir", str(tmp_path), *overrides]
+    )
     cli.main(["ptq", "--workdir", str(tmp_path), "--bits", "8,1"])
     out = capsys.readouterr().out
     assert "fp32" in out and "8bit" in out and "1bit" in out

@@ -17,8 +17,13 @@ def test_every_config_loads(path):
 def test_overrides_are_parsed_and_typed():
     c = load_config(
         CONFIGS / "demo.py",
-        ["--config.train.num_steps=7", "--config.train.learning_rate=1", "--config.model.name=resnet34",
-         "--config.quant.bits_list=(2,4)", "--config.data.synth=False"],
+        [
+            "--config.train.num_steps=7",
+            "--config.train.learning_rate=1",
+            "--config.model.name=resnet34",
+            "--config.quant.bits_list=(2,4)",
+            "--config.data.synth=False",
+        ],
     )
     assert c.train.num_steps == 7
     assert c.train.learning_rate == 1.0 and isinstance(c.train.learning_rate, float)
@@ -39,6 +44,8 @@ def test_override_errors_name_the_key():
 
 
 def test_string_and_sequence_overrides_keep_their_types():
-    c = load_config(CONFIGS / "demo.py", ["--config.data.synth_dir=2024", "--config.quant.keep_float=['a']"])
+    c = load_config(
+        CONFIGS / "demo.py", ["--config.data.synth_dir=2024", "--config.quant.keep_float=['a']"]
+    )
     assert c.data.synth_dir == "2024"
     assert c.quant.keep_float == ("a",)

@@ -12,7 +12,9 @@ def _corpus(n_spk=5, per_spk=(1, 2, 3, 4, 9), n_mels=3):
     feats, labels = [], []
     for s in range(n_spk):
         for _ in range(per_spk[s]):
-            feats.append(rng.normal(size=(int(rng.integers(20, 60)), n_mels)).astype(np.float32) + s)
+            feats.append(
+                rng.normal(size=(int(rng.integers(20, 60)), n_mels)).astype(np.float32) + s
+            )
             labels.append(s)
     return feats, np.array(labels)
 

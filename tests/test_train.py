@@ -4,6 +4,7 @@ The runs use configs/tiny.py on a tiny synthetic corpus built once per session.
 """
 
 import shutil
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import optax
 import pytest
 
 from sqjax import models, study, train
+
 
 def _params(workdir):
     _, state, _ = train.restore_run(workdir)
@@ -42,10 +44,12 @@ def test_microbatches_equal_full_batch_when_chunks_are_identical():
     tx = optax.sgd(0.1)
     state = train.create_train_state(jax.random.key(0), encoder, head, tx, 40)
     rng = np.random.default_rng(0)
-    small = {"feats": jnp.asarray(rng.normal(size=(4, 40, 80)), jnp.float32),
-             "labels": jnp.array([0, 1, 2, 1], jnp.int32)}
+    small = {
+        "feats": jnp.asarray(rng.normal(size=(4, 40, 80)), jnp.float32),
+        "labels": jnp.array([0, 1, 2, 1], jnp.int32),
+    }
     doubled = jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0), small)
-    kw = dict(encoder=encoder, head=head, tx=tx, margin=0.2, margin_warmup_steps=0)
+    kw = {"encoder": encoder, "head": head, "tx": tx, "margin": 0.2, "margin_warmup_steps": 0}
     one, m1 = train.train_step(state, small, **kw)
     two, m2 = train.train_step(state, doubled, microbatches=2, **kw)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
@@ -76,8 +80,10 @@ def test_interrupted_run_resumes_exactly(tiny_config, tmp_path):
     resumed = train.train_and_evaluate(c, tmp_path)
     _assert_trees(full, _params(tmp_path))
     assert resumed["eer"] == result["eer"]
-    steps = [int(line.split('"step": ')[1].split(",")[0].rstrip("}"))
-             for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        int(line.split('"step": ')[1].split(",")[0].rstrip("}"))
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == [2, 4, 6]  # log_every=2: the same rows as without the interruption
     c.train.learning_rate = 0.5
     with pytest.raises(ValueError, match="changed: train.learning_rate"):
@@ -99,13 +105,12 @@ def test_qat_study_trains_on_codebook_and_resumes(tiny_config, tmp_path):
             assert len(np.unique(np.asarray(w))) <= 4, path
     # The latent weights moved away from the FP32 start (STE gradients reached them).
     _, fp32, _ = train.restore_run(tmp_path / "fp32")
-    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
-                         state.params["encoder"], fp32.params["encoder"])
+    moved = jax.tree.map(
+        lambda a, b: float(jnp.abs(a - b).max()), state.params["encoder"], fp32.params["encoder"]
+    )
     assert max(jax.tree.leaves(moved)) > 0
     full = state
     shutil.rmtree(tmp_path / "2bit" / "checkpoints" / "4")
-    train.train_and_evaluate(
-        train.load_run_config(tmp_path / "2bit"), tmp_path / "2bit"
-    )
+    train.train_and_evaluate(train.load_run_config(tmp_path / "2bit"), tmp_path / "2bit")
     _, again, _ = train.restore_run(tmp_path / "2bit")
     _assert_trees((full.params, full.qstate), (again.params, again.qstate))
