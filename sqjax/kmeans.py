@@ -256,9 +256,12 @@ def _dp_init(s: _Seg, kpad: int, cap: int) -> jax.Array:
 
 def _init(s: _Seg, key, kpad: int, cap: int, init: str, xs_padded) -> jax.Array:
     """(kpad,) sorted initial centroids, +inf past k."""
-    if init == "dp":
-        return _dp_init(s, kpad, cap)
     ids = jnp.arange(kpad)
+    if init == "dp":
+        # With no more values than centroids the optimum is a centroid on every value;
+        # the DP's atom grid can miss a few of them (seen on a 128-weight 1x1 conv).
+        every = jnp.where(ids < s.k, s.at(s.start + jnp.minimum(ids, s.n - 1)), jnp.inf)
+        return jnp.where(s.n <= s.k, every, _dp_init(s, kpad, cap))
     if init == "linear":
         # Evenly spaced over [min, max] (Deep Compression's choice): better than quantile
         # init on heavy-tailed weights, which starves the tails, but Lloyd from it stalls
