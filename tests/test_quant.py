@@ -388,13 +388,18 @@ def test_apply_on_sharded_params_equals_unsharded():
     from jax.sharding import PartitionSpec as P
 
     rng = np.random.default_rng(0)
-    params = {"dense": {"kernel": jnp.asarray(rng.laplace(size=(16, 8)), jnp.float32),
-                        "bias": jnp.zeros((1, 8))}}
+    params = {
+        "dense": {
+            "kernel": jnp.asarray(rng.laplace(size=(16, 8)), jnp.float32),
+            "bias": jnp.zeros((1, 8)),
+        }
+    }
     q = quant.kmeans_quantizer(quant.default_rules(2))
     state = q.init(params)
     mesh = Mesh(np.array(jax.devices()[:2]), ("model",))
     sharded = jax.device_put(params, NamedSharding(mesh, P(None, "model")))
     out = jax.jit(q.apply)(sharded, state)
-    np.testing.assert_array_equal(np.asarray(out["dense"]["kernel"]),
-                                  np.asarray(q.apply(params, state)["dense"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(out["dense"]["kernel"]), np.asarray(q.apply(params, state)["dense"]["kernel"])
+    )
     assert out["dense"]["kernel"].sharding.spec == P(None, "model")
