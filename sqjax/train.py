@@ -59,9 +59,9 @@ def make_mesh(num_devices: int = 0) -> Mesh:
 def build_encoder(config: ml_collections.ConfigDict) -> models.ResNet:
     """The encoder named by ``config.model`` (a preset plus overrides)."""
     m = config.model
-    overrides = {k: v for k, v in m.items() if k != "name" and v not in (None, 0, "")}
-    if "dtype" in overrides:
-        overrides["dtype"] = jnp.dtype(overrides["dtype"])
+    overrides = {"n_mels": m.n_mels, "embed_dim": m.embed_dim, "dtype": jnp.dtype(m.dtype)}
+    if m.width:  # 0 = the preset's width
+        overrides["width"] = m.width
     return models.build_encoder(m.name, **overrides)
 
 
