@@ -250,6 +250,20 @@ def write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+# Settings that do not change the trained parameters: a run may resume with others.
+_RESUME_FREE = {
+    "progress",
+    "num_devices",
+    "distributed",
+    "data.workers",
+    "data.feature_cache",
+    "data.synth_args.workers",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+}
+
+
 def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
     """A run resumes exactly only under the config it started with: refuse any other."""
     old = load_run_config(workdir).to_dict()
@@ -259,7 +273,7 @@ def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
         for k, v in d.items():
             if isinstance(v, dict):
                 yield from flat(v, f"{prefix}{k}.")
-            elif k != "progress":
+            elif f"{prefix}{k}" not in _RESUME_FREE and not prefix.startswith("eval."):
                 yield f"{prefix}{k}", v
 
     old, new = dict(flat(old)), dict(flat(new))

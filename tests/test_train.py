@@ -85,6 +85,8 @@ def test_interrupted_run_resumes_exactly(tiny_config, tmp_path):
         for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == [2, 4, 6]  # log_every=2: the same rows as without the interruption
+    c.train.log_every, c.eval.batch_size = 3, 4  # may change: the parameters do not
+    assert train.train_and_evaluate(c, tmp_path)["eer"] == result["eer"]
     c.train.learning_rate = 0.5
     with pytest.raises(ValueError, match="changed: train.learning_rate"):
         train.train_and_evaluate(c, tmp_path)
