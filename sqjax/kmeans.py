@@ -23,6 +23,10 @@ sort on the host (NumPy's SIMD sort is ~70x faster than XLA:CPU's comparator sor
 float32) and pad sizes to buckets; under ``jax.jit`` (codebook refresh during training) the
 sort runs in XLA on order-preserving int32 keys (4-5x faster than a float sort on CPU).
 
+Warm starts. Lloyd from given centroids (codebook refresh) first re-seeds centroids that
+own no value, which a refresh otherwise keeps forever: each goes to the value farthest
+from its centroid in the cluster of largest squared error (see ``_reseed``).
+
 Numerics. Prefix sums over a million sorted weights reach ~n/2 * E|x|, where float32 keeps
 ~7 digits, so a small cluster's sum (a difference of two of them) would lose most of its
 digits. The sums are kept blocked: float32 sums inside blocks of 256 values, and block
@@ -290,12 +294,56 @@ def _init(s: _Seg, key, kpad: int, cap: int, init: str, xs_padded) -> jax.Array:
     return jnp.sort(jnp.where(ids < s.k, c, jnp.inf))
 
 
-def _lloyd(s: _Seg, c, iters, tol):
-    """Lloyd from sorted c (kpad,); returns (centroids, cluster edges (kpad + 1,))."""
+def _reseed(s: _Seg, c, e):
+    """Moves centroids that own no value into the data; (c, its edges) -> the same.
+
+    One dead centroid per round goes to the value farthest from its centroid in the
+    cluster of largest squared error around that centroid (scikit-learn relocates empty
+    clusters to the points farthest from their centres; restricting that to the worst
+    cluster spreads several dead centroids over several clusters). The new centroid owns
+    at least that value, the others keep their values, and the distortion falls every
+    round. Rounds stop when no cluster is empty or none holds two distinct values (fewer
+    distinct values than k); at most k rounds.
+    """
+    live = jnp.arange(c.shape[0]) < s.k
+
+    def masks(e):
+        cnt = jnp.diff(e)
+        first, last = s.at(e[:-1]), s.at(e[1:] - 1)
+        return live & (cnt == 0), live & (cnt > 0) & (first < last), cnt, first, last
+
+    def cond(st):
+        i, _, e = st
+        empty, split, *_ = masks(e)
+        return (i < s.k) & jnp.any(empty) & jnp.any(split)
+
+    def body(st):
+        i, c, e = st
+        empty, split, cnt, first, last = masks(e)
+        cnt = jnp.maximum(cnt, 1).astype(_F32)
+        s1, s2 = _range_sums(s.p1, e), _range_sums(s.p2, e)
+        mean, cj = s1 / cnt, jnp.where(split, c, 0.0)  # 0, not inf, where masked
+        sse = jnp.maximum(s2 - s1 * mean, 0.0) + cnt * (mean - cj) ** 2
+        j = jnp.argmax(jnp.where(split, sse, -1.0))
+        far = jnp.where(c[j] - first[j] > last[j] - c[j], first[j], last[j])
+        c = jnp.sort(c.at[jnp.argmax(empty)].set(far))
+        return i + 1, c, s.edges(c)
+
+    _, c, e = lax.while_loop(cond, body, (jnp.int32(0), c, e))
+    return c, e
+
+
+def _lloyd(s: _Seg, c, iters, tol, reseed: bool = False):
+    """Lloyd from sorted c (kpad,); returns (centroids, cluster edges (kpad + 1,)).
+
+    With ``reseed``, empty clusters are re-seeded (``_reseed``) before every step and
+    before returning, so the returned centroids each own a value where the data allow.
+    """
     nf = s.n.astype(_F32)
+    edges = (lambda c: _reseed(s, c, s.edges(c))) if reseed else (lambda c: (c, s.edges(c)))
 
     def step(c):
-        e = s.edges(c)
+        c, e = edges(c)
         cnt = jnp.diff(e).astype(_F32)
         s1, s2 = _range_sums(s.p1, e), _range_sums(s.p2, e)
         full = cnt > 0
@@ -324,7 +372,7 @@ def _lloyd(s: _Seg, c, iters, tol):
     none = jnp.full(c.shape[0] + 1, -1, jnp.int32)
     init = (jnp.int32(0), c, jnp.inf * big, big, none, none - 1)
     _, c, _, _, _, _ = lax.while_loop(cond, body, init)
-    return c, s.edges(c)
+    return edges(c)
 
 
 @functools.partial(jax.jit, static_argnames=("kpad", "cap", "init"))
@@ -337,8 +385,12 @@ def _fit_table(xs, start, n, k, c0, keys, iters, tol, *, kpad: int, cap: int, in
     def fit_one(args):
         st, nn, kk, cc, key = args
         seg = _Seg(xs, p1, p2, st, nn, kk, steps)
-        c = jnp.sort(cc) if init == "given" else _init(seg, key, kpad, cap, init, xs_padded)
-        return _lloyd(seg, c, iters, tol)
+        if init != "given":
+            return _lloyd(seg, _init(seg, key, kpad, cap, init, xs_padded), iters, tol)
+        # Entries past k are +inf whatever the caller padded them with: finite ones (the
+        # padding segments' zeros) would put cluster edges inside other segments.
+        c = jnp.sort(jnp.where(jnp.arange(kpad) < kk, cc, jnp.inf))
+        return _lloyd(seg, c, iters, tol, reseed=True)
 
     # A sequential map, not vmap: batched scatters and a batched layer count (the DP runs
     # k_i - 1 layers) made the vmapped version 1.4x slower on a ResNet's 37 kernels.
@@ -423,6 +475,11 @@ def kmeans_1d_batch(
         unchanged) or once the relative decrease of its distortion is <= ``tol`` (0: run
         to the fixed point).
       init_centroids: per group (g_i, k_i) warm starts (codebook refresh); overrides init.
+        Any order. A centroid that owns no value is re-seeded before each Lloyd step and
+        before returning (to the value farthest from its centroid in the cluster of
+        largest squared error; the other centroids keep their values), so each centroid
+        owns a value unless there are fewer distinct values than k. With ``iters=0``
+        that re-seeding is all that happens.
       key: PRNG key for "kmeans++" (default ``PRNGKey(0)``: deterministic).
       bucket: eager calls only: pad sizes to buckets so few shapes compile.
 

@@ -47,11 +47,13 @@ __all__ = [
     "LeafPlan",
     "QuantizerState",
     "Rule",
+    "codebook_indices",
     "default_rules",
     "distortion_report",
     "format_plan",
     "kmeans_quantizer",
     "packed_bits",
+    "path_parts",
     "path_str",
     "plan",
     "ptq_stack",
@@ -149,8 +151,9 @@ def _key_str(k) -> str | None:
     return str(k)
 
 
-def _key_parts(keypath) -> list:
-    """Key entries as str/int, without the trailing "value" of an NNX Variable."""
+def path_parts(keypath) -> list[str | int]:
+    """A ``tree_flatten_with_path`` key path as str/int entries (dict keys, sequence
+    indices, attribute names), without the trailing "value" of an NNX Variable."""
     parts = []
     for k in keypath:
         if isinstance(k, jax.tree_util.DictKey):
@@ -170,7 +173,7 @@ def _key_parts(keypath) -> list:
 
 def path_str(keypath) -> str:
     """ "/"-joined readable path of a ``tree_flatten_with_path`` key path."""
-    return "/".join(str(p) for p in _key_parts(keypath))
+    return "/".join(str(p) for p in path_parts(keypath))
 
 
 # --------------------------------------------------------------------------------- plan
@@ -290,6 +293,26 @@ def _lookup(w: jax.Array, cb: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q.reshape(w.shape).astype(w.dtype), idx.reshape(w.shape)
 
 
+def codebook_indices(w: jax.Array, codebook: jax.Array) -> jax.Array:
+    """Index of each weight's nearest centroid: the assignment ``apply`` uses.
+
+    Args:
+      w: a weight leaf; per-channel codebooks are indexed by its last axis.
+      codebook: (K,), or (channels, K) per channel; need not be sorted (learned centroids
+        can cross), the indices point into it as given.
+
+    Returns:
+      int32 indices of w's shape, into the last axis of ``codebook``.
+    """
+    cb = jnp.asarray(codebook, jnp.float32)
+    order = jnp.argsort(cb, axis=-1)
+    idx = _lookup(jnp.asarray(w), jnp.take_along_axis(cb, order, axis=-1))[1]
+    if cb.ndim == 1:
+        return order[idx]
+    c = cb.shape[0]
+    return jnp.take_along_axis(order.T, idx.reshape(-1, c), axis=0).reshape(idx.shape)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _ste(w: jax.Array, cb: jax.Array, learn: bool) -> jax.Array:
     return _lookup(w, cb)[0]
@@ -366,8 +389,14 @@ def kmeans_quantizer(
       rules: ``Rule``s; leaves matching none stay float.
       iters: Lloyd steps when fitting codebooks in ``init``.
       refresh_iters: warm-started Lloyd steps per ``update``.
-      learn_centroids: give codebooks a gradient in ``apply`` (sum of members' gradients),
-        so an optimizer can train them; otherwise their gradient is zero.
+      learn_centroids: train the codebooks by gradient descent (Deep Compression, Han et
+        al. 2016) instead of refitting them by Lloyd. The gradient of a loss L of
+        ``apply(params, state)`` with respect to centroid j of a codebook is the sum of
+        dL/dq over the quantized weights q assigned to j (per channel: over that channel's
+        weights); the latent float weights still get the straight-through gradient dL/dq.
+        Give the optimizer both, e.g. ``{"w": params, "cb": state.codebooks}``, and write
+        the trained codebooks back with ``QuantizerState(codebooks)``. ``update`` then only
+        re-seeds empty clusters (see below). Without it a codebook's gradient is zero.
       init: k-means initialisation for ``init`` (see ``sqjax.kmeans``).
 
     Returns:
@@ -375,17 +404,23 @@ def kmeans_quantizer(
       - ``init(params) -> QuantizerState``: fits all codebooks in one batched k-means
         call; eager (raises on NaN/inf weights, naming the leaf).
       - ``apply(params, state) -> params``: quantized leaves replaced by their nearest
-        centroid (forward); straight-through backward: the cotangent of a quantized leaf is
-        passed unchanged to the float leaf.
+        centroid (forward; codebooks are sorted first, so learned ones may cross);
+        straight-through backward: the cotangent of a quantized leaf is passed unchanged
+        to the float leaf.
       - ``update(params, state) -> state``: codebooks refreshed from the current float
-        weights by ``refresh_iters`` warm-started Lloyd steps; jit-able.
+        weights by ``refresh_iters`` warm-started Lloyd steps; jit-able. A centroid that
+        owns no weight is first moved into the data (``sqjax.kmeans``: to the weight
+        farthest from its centroid in the cluster of largest squared error), so every
+        centroid owns a weight where the leaf has enough distinct values. With
+        ``learn_centroids`` there are no Lloyd steps: only that re-seeding, the other
+        (learned) centroids keep their values, returned sorted ascending.
     """
     rules = tuple(rules)
     for r in rules:
         if not isinstance(r, Rule):
             raise TypeError(f"rules must be Rule instances, got {r!r}")
 
-    def fit(params, codebooks):
+    def fit(params, codebooks, steps):
         leaves, treedef = jax.tree_util.tree_flatten(params)
         plans = plan(params, rules)
         todo = [i for i, p in enumerate(plans) if p.bits is not None]
@@ -401,7 +436,7 @@ def kmeans_quantizer(
             kmeans.kmeans_1d_batch(
                 groups,
                 ks,
-                iters=iters if warm is None else refresh_iters,
+                iters=steps,
                 init=init,
                 init_centroids=warm,
             )
@@ -414,10 +449,10 @@ def kmeans_quantizer(
         return QuantizerState(treedef.unflatten(out))
 
     def init_fn(params: Params) -> QuantizerState:
-        return fit(params, None)
+        return fit(params, None, iters)
 
     def update_fn(params: Params, state: QuantizerState) -> QuantizerState:
-        return fit(params, state.codebooks)
+        return fit(params, state.codebooks, 0 if learn_centroids else refresh_iters)
 
     def apply_fn(params: Params, state: QuantizerState) -> Params:
         def q(cb, w):

@@ -153,15 +153,86 @@ def test_jitted_fit_matches_eager(tensors):
     np.testing.assert_allclose(d1, d0, rtol=1e-5)
 
 
+def _lloyd_numpy(x, c, iters):
+    """Reference Lloyd by brute-force argmin; an empty cluster keeps its centroid."""
+    x, c = np.asarray(x, np.float64).ravel(), np.asarray(c, np.float64).copy()
+    for _ in range(iters):
+        idx = np.argmin(np.abs(x[:, None] - c[None, :]), axis=1)
+        for j in np.unique(idx):
+            c[j] = x[idx == j].mean()
+    return c
+
+
+def _owners(x, c):
+    """How many values of x each centroid of sorted c owns (ties go right, as `assign`)."""
+    return np.bincount(kmeans.assign(np.ravel(x), c), minlength=len(c))
+
+
 def test_warm_start_refines_and_keeps_converged_codebooks():
     x = _mixture(1_000, seed=7)
     c, _ = kmeans.kmeans_1d(x, 16, tol=0.0, iters=1000)
     c2, _ = kmeans.kmeans_1d(x, 16, init_centroids=c, iters=5)
     np.testing.assert_allclose(c2, c, rtol=1e-6)  # already a fixed point
     rough = np.linspace(x.min(), x.max(), 16).astype(np.float32)
-    _, d_rough = kmeans.kmeans_1d(x, 16, init_centroids=rough, iters=0)
-    _, d_refined = kmeans.kmeans_1d(x, 16, init_centroids=rough, iters=5)
-    assert float(d_refined) < float(d_rough)
+    c0, d_rough = kmeans.kmeans_1d(x, 16, init_centroids=rough, iters=0)  # re-seeded only
+    c5, d_refined = kmeans.kmeans_1d(x, 16, init_centroids=rough, iters=5)
+    np.testing.assert_allclose(float(d_rough), _mse(x, c0), rtol=1e-4)
+    np.testing.assert_allclose(float(d_refined), _mse(x, c5), rtol=1e-4)
+    assert _mse(x, c5) < _mse(x, c0) < _mse(x, rough)
+
+
+@pytest.mark.parametrize("shift", [0.0, -0.5])
+def test_warm_start_reports_true_distortion(shift):
+    """Non-negative data once gave the padding segments' zero codebooks marks inside the
+    first segment, and a reported MSE of 0."""
+    u = np.random.default_rng(0).uniform(0, 1, 1000).astype(np.float32) + shift
+    c0 = np.array([0.1, 0.3, 0.6, 0.9], np.float32) + shift
+    c, d = kmeans.kmeans_1d(u, 4, init_centroids=c0)
+    np.testing.assert_allclose(float(d), _mse(u, c), rtol=1e-4)
+    groups = [u.reshape(2, -1), u[:300].reshape(1, -1)]
+    warm = [np.tile(c0, (2, 1)), c0[None, :3]]
+    for g, (cb, mse) in zip(groups, kmeans.kmeans_1d_batch(groups, [4, 3], init_centroids=warm)):
+        for row in range(g.shape[0]):
+            np.testing.assert_allclose(float(mse[row]), _mse(g[row], cb[row]), rtol=1e-4)
+
+
+def test_warm_start_reseeds_empty_clusters():
+    """A centroid far outside the data owns nothing; the warm start moves it into the
+    data, so every centroid owns a value and the distortion beats plain Lloyd."""
+    x = _mixture(2_000, seed=8)
+    c0 = np.append(np.quantile(x, [0.2, 0.5, 0.8]), 100.0).astype(np.float32)
+    assert _owners(x, c0)[-1] == 0
+    for iters in (0, 5):
+        c, d = kmeans.kmeans_1d(x, 4, init_centroids=c0, iters=iters)
+        c = np.asarray(c)
+        assert np.all(np.diff(c) >= 0) and np.all(_owners(x, c) >= 1), (iters, c)
+        ref = _mse(x, _lloyd_numpy(x, c0, iters))  # the dead centroid stays dead
+        assert _mse(x, c) < 0.97 * ref, (iters, _mse(x, c), ref)
+        np.testing.assert_allclose(float(d), _mse(x, c), rtol=1e-4)
+
+
+def test_reseed_keeps_the_other_centroids_and_splits_the_worst_cluster():
+    """With iters=0 a dead centroid goes to the value farthest from its centroid in the
+    cluster of largest squared error (a NumPy brute-force reference); the others stay."""
+    x = np.random.default_rng(9).laplace(size=500).astype(np.float32)
+    live = np.array([-1.0, 0.0, 0.3], np.float32)
+    c, _ = kmeans.kmeans_1d(x, 4, init_centroids=np.append(live, -50.0), iters=0)
+    idx = np.argmin(np.abs(x[:, None] - live[None, :]), axis=1)
+    err = (x.astype(np.float64) - live[idx]) ** 2
+    worst = np.argmax(np.bincount(idx, err, minlength=3))
+    far = x[idx == worst][np.argmax(err[idx == worst])]
+    np.testing.assert_array_equal(np.asarray(c), np.sort(np.append(live, far)))
+    # no empty cluster: unchanged
+    c2, _ = kmeans.kmeans_1d(x, 4, init_centroids=np.append(live, 2.0), iters=0)
+    np.testing.assert_array_equal(np.asarray(c2), np.sort(np.append(live, 2.0)))
+    # fewer distinct values than centroids: nothing to split, no NaN
+    c3, d3 = kmeans.kmeans_1d(
+        np.array([0.0, 1.0] * 20, np.float32),
+        4,
+        init_centroids=np.array([0.0, 1.0, 5.0, 9.0], np.float32),
+    )
+    np.testing.assert_array_equal(np.asarray(c3), [0.0, 1.0, 5.0, 9.0])
+    assert float(d3) == 0.0
 
 
 @pytest.mark.parametrize("init", ["linear", "quantile", "kmeans++"])
@@ -170,7 +241,8 @@ def test_other_inits_valid_and_deterministic(init):
     c1, d1 = kmeans.kmeans_1d(x, 8, init=init, key=jax.random.PRNGKey(1))
     c2, _ = kmeans.kmeans_1d(x, 8, init=init, key=jax.random.PRNGKey(1))
     np.testing.assert_array_equal(c1, c2)
-    assert np.all(np.diff(np.asarray(c1)) >= 0) and np.isfinite(float(d1))
+    assert np.all(np.diff(np.asarray(c1)) >= 0)
+    np.testing.assert_allclose(float(d1), _mse(x, c1), rtol=1e-4)
     _, d_dp = kmeans.kmeans_1d(x, 8)
     assert float(d_dp) <= float(d1) * (1 + 1e-6)  # "dp" is exactly optimal on <= 512 values
 

@@ -149,8 +149,13 @@ def test_paths_for_linen_nnx_and_plain_dicts():
         "layers/1/kernel",
     ]
 
+    keypaths = [kp for kp, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    assert quant.path_parts(keypaths[1]) == ["layers", 0, "kernel"]  # index stays an int
+
     plain = {"blocks": [{"w": np.ones(2)}, {"w": np.ones(2)}]}
     assert [p.path for p in quant.plan(plain, ())] == ["blocks/0/w", "blocks/1/w"]
+    keypaths = [kp for kp, _ in jax.tree_util.tree_flatten_with_path(plain)[0]]
+    assert [quant.path_parts(kp) for kp in keypaths] == [["blocks", 0, "w"], ["blocks", 1, "w"]]
 
 
 # ---------------------------------------------------------------------------- quantizer
@@ -174,13 +179,31 @@ def test_apply_is_nearest_centroid_per_tensor_and_per_channel():
     np.testing.assert_array_equal(q["hidden"]["bias"], params["hidden"]["bias"])
 
 
-def test_ste_gradient_is_the_gradient_at_the_quantized_weights():
+@pytest.mark.parametrize("per_channel,learn", [(False, False), (True, False), (False, True)])
+def test_ste_gradient_is_the_gradient_at_the_quantized_weights(per_channel, learn):
+    """d loss(apply(w)) / dw equals d loss / dq taken at q = apply(w), and is not zero."""
     params, (x, y) = _mlp_params(), _data()
-    qz = quant.kmeans_quantizer(quant.default_rules(2))
+    qz = quant.kmeans_quantizer(
+        quant.default_rules(2, per_channel=per_channel), learn_centroids=learn
+    )
     state = qz.init(params)
+    qparams = jax.tree.map(jnp.asarray, qz.apply(params, state))
+    assert len(np.unique(qparams["hidden"]["kernel"])) <= (4 * 32 if per_channel else 4)
     g_ste = jax.grad(lambda p: _loss(qz.apply(p, state), x, y))(params)
-    g_ref = jax.grad(_loss)(jax.tree.map(jnp.asarray, qz.apply(params, state)), x, y)
+    g_ref = jax.grad(_loss)(qparams, x, y)
     chex.assert_trees_all_close(g_ste, g_ref, rtol=1e-6, atol=1e-7)
+    for layer in ("hidden", "out"):
+        assert np.count_nonzero(g_ste[layer]["kernel"]) > 0.9 * g_ste[layer]["kernel"].size
+
+
+def test_codebook_indices_match_numpy_for_unsorted_codebooks():
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(5, 6)).astype(np.float32)
+    cb = np.array([0.5, -1.0, 1.5, 0.0], np.float32)  # unsorted, as learned ones can be
+    np.testing.assert_array_equal(quant.codebook_indices(w, cb), _nearest(w, cb))
+    cbc = rng.normal(size=(6, 4)).astype(np.float32)
+    ref = np.stack([_nearest(w[:, j], cbc[j]) for j in range(6)], axis=1)
+    np.testing.assert_array_equal(quant.codebook_indices(w, cbc), ref)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -213,6 +236,94 @@ def test_learned_centroid_gradient_is_sum_of_member_gradients(per_channel):
     frozen = quant.kmeans_quantizer(quant.default_rules(2, per_channel=per_channel))
     g0 = jax.grad(lambda s: _loss(frozen.apply(params, s), x, y))(state).codebooks
     assert all(not np.any(np.asarray(v)) for v in jax.tree.leaves(g0))
+
+
+def _owned(w, cb):
+    """Weights owned by each centroid of a sorted (K,) codebook (NumPy argmin)."""
+    return np.bincount(_nearest(w, cb).ravel(), minlength=len(cb))
+
+
+def test_update_reseeds_a_dead_centroid():
+    params = _mlp_params()
+    qz = quant.kmeans_quantizer(quant.default_rules(2), refresh_iters=5)
+    state = qz.init(params)
+    cb = np.asarray(state.codebooks["hidden"]["kernel"]).copy()
+    cb[-1] = 50.0  # owns no weight
+    dead = quant.QuantizerState({**state.codebooks, "hidden": {"kernel": cb, "bias": None}})
+    w = params["hidden"]["kernel"]
+    assert _owned(w, cb)[-1] == 0
+    for update in (qz.update, jax.jit(qz.update)):
+        new = np.asarray(
+            update(jax.tree.map(jnp.asarray, params), dead).codebooks["hidden"]["kernel"]
+        )
+        assert np.all(np.diff(new) >= 0) and np.all(_owned(w, new) >= 1), new
+        err = lambda c: np.mean((w - c[_nearest(w, c)]) ** 2)
+        assert err(new) < err(cb)
+
+
+def test_update_keeps_learned_centroids_and_only_reseeds():
+    """learn_centroids: update does no Lloyd; learned values stay (sorted), and a dead
+    centroid goes to the weight farthest from its centroid in the cluster of largest
+    squared error (NumPy reference)."""
+    params = _mlp_params()
+    qz = quant.kmeans_quantizer(quant.default_rules(2), learn_centroids=True)
+    state = qz.init(params)
+    w = params["hidden"]["kernel"]
+    learned = np.asarray(state.codebooks["hidden"]["kernel"]) * 1.1 + 0.01  # not a Lloyd fit
+    cbs = {**state.codebooks, "hidden": {"kernel": learned[::-1].copy(), "bias": None}}
+    new = qz.update(params, quant.QuantizerState(cbs)).codebooks
+    np.testing.assert_array_equal(new["hidden"]["kernel"], learned)  # sorted, unchanged
+    np.testing.assert_array_equal(new["out"]["kernel"], state.codebooks["out"]["kernel"])
+    live = learned[:3]
+    cbs["hidden"]["kernel"] = np.append(live, -50.0).astype(np.float32)
+    new = np.asarray(qz.update(params, quant.QuantizerState(cbs)).codebooks["hidden"]["kernel"])
+    idx = _nearest(w, live).ravel()
+    err = (w.ravel().astype(np.float64) - live[idx]) ** 2
+    worst = np.argmax(np.bincount(idx, err, minlength=3))
+    far = w.ravel()[idx == worst][np.argmax(err[idx == worst])]
+    np.testing.assert_array_equal(new, np.sort(np.append(live, far)))
+    assert np.all(_owned(w, new) >= 1)
+
+
+def test_learned_centroids_train_faster_than_frozen():
+    """Linear regression onto a teacher whose weights lie outside the student's initial
+    range: 2-bit frozen codebooks cannot reach them, learned ones can. The optimizer sees
+    {"w": latent weights, "cb": codebooks}; update() every 25 steps, as in training."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(128, 16)), jnp.float32)
+    teacher = rng.choice(np.array([-1.5, -0.5, 0.5, 1.5], np.float32), size=(16, 4))
+    y = x @ teacher
+    w0 = {"dense": {"kernel": jnp.asarray(rng.normal(0, 0.25, (16, 4)), jnp.float32)}}
+
+    def train(learn, steps=150):
+        qz = quant.kmeans_quantizer(quant.default_rules(2), learn_centroids=learn)
+        tx = optax.adam(2e-2)
+        p = {"w": w0, "cb": qz.init(w0).codebooks}
+        opt = tx.init(p)
+
+        def loss_fn(p):
+            qw = qz.apply(p["w"], quant.QuantizerState(p["cb"]))
+            return jnp.mean((x @ qw["dense"]["kernel"] - y) ** 2)
+
+        @jax.jit
+        def step(p, opt):
+            upd, opt = tx.update(jax.grad(loss_fn)(p), opt, p)
+            return optax.apply_updates(p, upd), opt
+
+        for i in range(steps):
+            p, opt = step(p, opt)
+            if learn and i % 25 == 24:
+                p = {**p, "cb": qz.update(p["w"], quant.QuantizerState(p["cb"])).codebooks}
+        return float(loss_fn(p)), p
+
+    frozen, p_frozen = train(False)
+    learned, p_learned = train(True)
+    chex.assert_trees_all_equal(
+        p_frozen["cb"], quant.kmeans_quantizer(quant.default_rules(2)).init(w0).codebooks
+    )
+    assert learned < 0.1 * frozen, (learned, frozen)
+    # the learned codebook found the teacher's levels
+    np.testing.assert_allclose(p_learned["cb"]["dense"]["kernel"], [-1.5, -0.5, 0.5, 1.5], atol=0.1)
 
 
 def test_vmap_over_stacked_precisions_equals_loop():
