@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from sqjax.data import Corpus, DataError, load_audio
 
-_CACHE_VERSION = 1  # bump when the feature code changes so old caches are refused
+_CACHE_VERSION = 2  # bump when the feature code or cache layout changes: old caches are refused
 
 
 def _frame_params(sample_rate: int, win_ms: float, hop_ms: float) -> tuple[int, int, int]:
@@ -80,9 +80,28 @@ def logmel(
     return feats.astype(np.float32)
 
 
-def _cache_file(cache_dir: str, utt: str) -> str:
-    """Cache path: a readable tail of the id plus a hash (ids may hold '/' or clash)."""
-    digest = hashlib.sha1(utt.encode("utf-8")).hexdigest()
+def _cache_file(cache_dir: str, utt: str, path: str, params: dict) -> str:
+    """Cache path of one utterance's features: keyed by what determines them.
+
+    The key hashes the resolved audio path, its size and mtime_ns, and the feature
+    parameters, so equal utterance ids of two data dirs, audio rewritten in place, and
+    other settings all get their own entry (the old one is left behind, never served). The
+    id only makes the name readable. Stats the file: a missing one is a DataError.
+    Stat, not a content hash, so a cache hit never reads the audio; a rewrite that keeps
+    both size and mtime (``rsync -t`` of other audio of equal length, or a filesystem with
+    coarse timestamps within one tick) goes unnoticed: delete the cache then.
+    """
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: audio file not found; check the corpus paths") from err
+    except OSError as err:
+        raise DataError(
+            f"{path}: cannot stat the audio file ({err}); check its permissions"
+        ) from err
+    key = json.dumps([real, st.st_size, st.st_mtime_ns, params], sort_keys=True)
+    digest = hashlib.sha1(key.encode("utf-8")).hexdigest()
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", utt)[-60:]
     # 256 shards keep directories small for million-utterance corpora.
     return os.path.join(cache_dir, digest[:2], f"{safe}-{digest[:16]}.npy")
@@ -123,7 +142,10 @@ def _prepare_cache(cache_dir: str, params: dict) -> None:
 
 def _one_utterance(job: tuple) -> np.ndarray:
     """Features of one utterance, from the cache when present. Top level for pickling."""
-    utt, path, cache_file, params, min_seconds = job
+    utt, path, cache_dir, params, min_seconds = job
+    # Keyed on the file's stat taken before it is read: audio rewritten meanwhile is cached
+    # under the old stat, which no longer matches, so it is never served as the new audio.
+    cache_file = None if cache_dir is None else _cache_file(cache_dir, utt, path, params)
     if cache_file is not None and os.path.exists(cache_file):
         try:
             feats = np.load(cache_file)
@@ -176,9 +198,12 @@ def extract_features(
     """Log-mel features of every utterance of a corpus.
 
     Args:
-      cache_dir: if set, one ``.npy`` per utterance plus ``meta.json`` holding the feature
-        parameters; cached files are reused when the parameters match, and a mismatch is
-        an error (use one cache dir per feature setting).
+      cache_dir: if set, ``meta.json`` holding the feature parameters plus one
+        ``<2 hex>/<utt tail>-<16 hex>.npy`` per utterance, keyed by the resolved audio
+        path, its size and mtime_ns and the parameters (see ``_cache_file``). Entries are
+        reused while the audio file is unchanged; another parameter setting is an error
+        (use one cache dir per feature setting). Entries of rewritten or deleted audio
+        stay on disk unused; delete the cache dir to reclaim the space.
       min_seconds: utterances shorter than this raise a DataError.
       workers: > 1 computes in a process pool ('spawn', so it is safe next to JAX threads).
 
@@ -196,14 +221,9 @@ def extract_features(
     if cache_dir is not None:
         cache_dir = os.fspath(cache_dir)
         _prepare_cache(cache_dir, params)
+    # Cache paths are worked out in the workers: each one stats its audio file.
     jobs = [
-        (
-            utt,
-            path,
-            _cache_file(cache_dir, utt) if cache_dir is not None else None,
-            params,
-            min_seconds,
-        )
+        (utt, path, cache_dir, params, min_seconds)
         for utt, path in zip(corpus.utts, corpus.paths, strict=True)
     ]
     bar = tqdm(total=len(jobs), unit="utt", desc="features", disable=not progress)

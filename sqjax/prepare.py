@@ -9,7 +9,10 @@ raw-feature baseline uses the unnormalised statistics.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
+import re
 from collections.abc import Sequence
 
 import ml_collections
@@ -71,6 +74,21 @@ def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     return d
 
 
+def data_cache_dir(cache_dir: str | os.PathLike, data_dir: str | os.PathLike) -> str:
+    """The feature cache of one data dir: ``cache_dir/<dir name>-<12 hex>``.
+
+    The hex digest is of the data dir's resolved path, so two dirs of one name (a clean
+    and a noisy copy of ``test``) get their own folders, and a dir keeps its folder across
+    runs (the built-in corpus's features are extracted once). Correctness does not rest on
+    it: entries are keyed by the audio files themselves (see ``features._cache_file``);
+    the folder lets a user see, and delete, one data dir's features.
+    """
+    real = os.path.realpath(os.fspath(data_dir))
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(real))[-40:] or "root"
+    digest = hashlib.sha1(real.encode("utf-8")).hexdigest()[:12]
+    return os.path.join(os.fspath(cache_dir), f"{name}-{digest}")
+
+
 def load_split(
     data_dir: str,
     trials_path: str | None,
@@ -84,19 +102,27 @@ def load_split(
 ) -> Split:
     """Reads a data dir (Kaldi or VoxCeleb layout), its trials, and their features.
 
-    With a trial list, only the utterances the trials use are loaded.
+    With a trial list, only the utterances the trials use are loaded. With ``cache_dir``,
+    features are cached in its subfolder ``data_cache_dir(cache_dir, data_dir)``.
     """
     corpus = data_lib.read_corpus(data_dir)
     trials = None
     if trials_path:
         trials = data_lib.read_trials(trials_path, corpus)
         corpus = corpus.subset(sorted(set(trials.enroll) | set(trials.test)))
+    if cache_dir and os.path.isfile(os.path.join(cache_dir, "meta.json")):
+        log.warning(
+            "%s holds features cached by an older sqjax (one folder for all data dirs); "
+            "they are no longer read: delete its meta.json and two-hex folders to free "
+            "the space",
+            cache_dir,
+        )
     raw = features.extract_features(
         corpus,
         sample_rate=sample_rate,
         n_mels=n_mels,
         mean_norm=False,
-        cache_dir=cache_dir or None,
+        cache_dir=data_cache_dir(cache_dir, data_dir) if cache_dir else None,
         min_seconds=min_seconds,
         workers=workers,
         progress=progress,

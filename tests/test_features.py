@@ -102,13 +102,86 @@ def test_cache_round_trip_without_recomputing(corpus, tmp_path, monkeypatch):
         features.extract_features(corpus, cache_dir=cache, min_seconds=0.6, progress=False)
 
 
-def test_workers_give_the_same_features(corpus):
+def test_workers_give_the_same_features(corpus, tmp_path):
     serial = features.extract_features(corpus, progress=False)
-    parallel = features.extract_features(corpus, workers=2, progress=False)
-    for a, b in zip(serial, parallel, strict=True):
+    # The workers key and write the cache; the serial pass then reads what they wrote.
+    cache = tmp_path / "cache"
+    parallel = features.extract_features(corpus, workers=2, cache_dir=cache, progress=False)
+    cached = features.extract_features(corpus, cache_dir=cache, progress=False)
+    assert len(_npys(cache)) == len(corpus)
+    for a, b, c in zip(serial, parallel, cached, strict=True):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
 
 
 def test_errors_in_workers_name_the_file(corpus):
     with pytest.raises(DataError, match=r"0\.wav: 0\.500 s of audio, shorter than min_seconds"):
         features.extract_features(corpus, min_seconds=0.6, workers=2, progress=False)
+
+
+def _npys(cache):
+    return sorted(
+        os.path.join(r, f) for r, _, fs in os.walk(cache) for f in fs if f.endswith(".npy")
+    )
+
+
+def _copy_corpus(corpus, tmp_path, name, seed):
+    """Same utterance ids and speakers as ``corpus``, other audio (lengths kept)."""
+    d = tmp_path / name
+    d.mkdir()
+    for i, path in enumerate(corpus.paths):
+        n = sf.info(path).frames
+        sf.write(d / f"{i}.wav", _wave(n / 16000, seed=seed + i), 16000, subtype="FLOAT")
+    (d / "wav.scp").write_text("".join(f"{u} {i}.wav\n" for i, u in enumerate(corpus.utts)))
+    (d / "utt2spk").write_text("".join(f"{u} {s}\n" for u, s in zip(corpus.utts, corpus.speakers)))
+    return data.read_kaldi_dir(d)
+
+
+def test_cache_tells_apart_equal_utterance_ids(corpus, tmp_path):
+    # A noisy copy of a test set keeps its utterance ids: the cache must not serve the
+    # first corpus's features for the second.
+    other = _copy_corpus(corpus, tmp_path, "other", seed=10)
+    assert other.utts == corpus.utts
+    cache = tmp_path / "cache"
+    first = features.extract_features(corpus, cache_dir=cache, progress=False)
+    second = features.extract_features(other, cache_dir=cache, progress=False)
+    for a, b, pa, pb in zip(first, second, corpus.paths, other.paths, strict=True):
+        np.testing.assert_array_equal(a, features.logmel(sf.read(pa, dtype="float32")[0]))
+        np.testing.assert_array_equal(b, features.logmel(sf.read(pb, dtype="float32")[0]))
+        assert not np.allclose(a, b)
+    assert len(_npys(cache)) == 2 * len(corpus)
+
+
+def test_cache_refuses_audio_rewritten_in_place(corpus, tmp_path):
+    cache = tmp_path / "cache"
+    before = features.extract_features(corpus, cache_dir=cache, progress=False)
+    path = corpus.paths[1]
+    stat = os.stat(path)
+    new_wave = _wave(0.8, seed=99)
+    sf.write(path, new_wave, 16000, subtype="FLOAT")  # same length, so the same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))
+    assert os.stat(path).st_size == stat.st_size
+    after = features.extract_features(corpus, cache_dir=cache, progress=False)
+    np.testing.assert_array_equal(after[1], features.logmel(new_wave))
+    assert not np.allclose(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
+    np.testing.assert_array_equal(after[2], before[2])
+
+
+def test_cache_key_holds_the_feature_parameters(corpus, tmp_path):
+    # meta.json refuses other parameters; without it (deleted, or two processes racing to
+    # write it), the per-file key still keeps the settings apart.
+    cache = tmp_path / "cache"
+    features.extract_features(corpus, cache_dir=cache, progress=False)
+    os.remove(cache / "meta.json")
+    feats = features.extract_features(corpus, cache_dir=cache, n_mels=40, progress=False)
+    for f, path in zip(feats, corpus.paths, strict=True):
+        np.testing.assert_array_equal(
+            f, features.logmel(sf.read(path, dtype="float32")[0], n_mels=40)
+        )
+
+
+def test_missing_audio_with_a_cache_names_the_file(corpus, tmp_path):
+    os.remove(corpus.paths[2])
+    with pytest.raises(DataError, match=rf"{re.escape(corpus.paths[2])}: audio file not found"):
+        features.extract_features(corpus, cache_dir=tmp_path / "cache", progress=False)

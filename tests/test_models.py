@@ -215,9 +215,51 @@ def test_encoder_macs_resnet34_near_wespeaker_figure():
     assert abs(macs / 4.55e9 - 1) < 0.01
 
 
-def test_presets_build():
-    for name in PRESETS:
-        assert isinstance(build_encoder(name), ResNet)
+def _hand_param_count(stage_sizes, block, width, embed_dim, n_mels):
+    """Conv kernels + BN (scale, bias) + embedding Dense, from the ResNet geometry alone."""
+    expansion = {"basic": 1, "bottleneck": 4}[block]
+    n = 9 * 1 * width + 2 * width  # stem
+    c_in, freq = width, n_mels
+    for i, blocks in enumerate(stage_sizes):
+        p = width * 2**i
+        c_out = expansion * p
+        for j in range(blocks):
+            stride = 2 if i > 0 and j == 0 else 1
+            if block == "basic":
+                n += 9 * c_in * p + 2 * p + 9 * p * p + 2 * p
+            else:  # 1x1 reduce, 3x3, 1x1 expand
+                n += c_in * p + 2 * p + 9 * p * p + 2 * p + p * c_out + 2 * c_out
+            if stride != 1 or c_in != c_out:
+                n += c_in * c_out + 2 * c_out  # 1x1 projection shortcut
+            if stride == 2:
+                freq = (freq + 1) // 2  # 3x3, stride 2, padding 1
+            c_in = c_out
+    return n + 2 * c_in * freq * embed_dim + embed_dim  # mean and std of (C, F') -> Dense
+
+
+PRESET_GEOMETRY = [  # name, depth, block, width, embed_dim
+    ("resnet34", 34, "basic", 32, 256),
+    ("resnet36", 36, "basic", 32, 256),
+    ("resnet200", 200, "bottleneck", 32, 256),
+    ("resnet221", 221, "bottleneck", 32, 256),
+    ("resnet293", 293, "bottleneck", 32, 256),
+    ("resnet_demo", 18, "basic", 16, 256),
+    ("resnet_tiny", 10, "basic", 4, 32),
+]
+
+
+def test_every_preset_is_checked_by_hand():
+    assert sorted(PRESETS) == sorted(case[0] for case in PRESET_GEOMETRY)
+
+
+@pytest.mark.parametrize("name, depth, block, width, embed_dim", PRESET_GEOMETRY)
+def test_presets_geometry_and_param_count_by_hand(name, depth, block, width, embed_dim):
+    model = build_encoder(name)
+    assert (model.block, model.width, model.embed_dim) == (block, width, embed_dim)
+    assert model.n_mels == 80 and len(model.stage_sizes) == 4
+    # The name's depth: weighted layers = stem + convs per block x blocks + embedding.
+    assert {"basic": 2, "bottleneck": 3}[block] * sum(model.stage_sizes) + 2 == depth
+    assert count_params(model) == _hand_param_count(model.stage_sizes, block, width, embed_dim, 80)
 
 
 # --- AAM-softmax head ----------------------------------------------------------------------
