@@ -5,7 +5,14 @@ sqjax qat   --config configs/qat_demo.py --workdir runs/demo_qat
 sqjax ptq   --workdir runs/demo --bits 8,4,2
 sqjax export --workdir runs/demo_qat/2bit
 sqjax eval  --workdir runs/r34 --data /data/vox1 --trials /data/vox1/veri_test2.txt
+sqjax eval  --model runs/demo_qat/2bit/encoder_2bit.npz --data DIR --trials FILE
+sqjax analyze --study runs/qat_demo          # or --workdir runs/demo --ptq 8,4,3,2,1
+sqjax embed --model runs/demo_qat/2bit/encoder_2bit.npz --data DIR --out emb.npy
 sqjax synth --out data/synth --speakers 100
+
+Expected errors (bad data, trials, run dirs, config values) print one line,
+``sqjax <command>: error: <message>``, and exit with status 2; ``--debug`` shows the
+traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +21,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
+
+# Errors a user can fix (bad data, trial list, run directory, config value): one line.
+# DataError and ConfigError are ValueErrors.
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 
 
 def _set_cpu_devices(n: int) -> None:
@@ -54,11 +66,11 @@ def _bits_list(text: str) -> tuple[int, ...]:
 
 def cmd_train(args, overrides) -> None:
     from sqjax import config as config_lib
-    from sqjax import train
+    from sqjax import runs
 
     config = config_lib.load_config(args.config, overrides)
     _init_distributed(config)
-    result = train.train_and_evaluate(config, args.workdir)
+    result = runs.train_and_evaluate(config, args.workdir)
     _print_metrics(result, f"test metrics ({args.workdir})")
 
 
@@ -78,26 +90,74 @@ def _print_table(rows: dict) -> None:
 
 
 def cmd_ptq(args, overrides) -> None:
-    from sqjax import study
+    from sqjax import runs
 
-    _print_table(study.ptq_workdir(args.workdir, args.bits))
+    _print_table(runs.ptq_workdir(args.workdir, args.bits, bn_utts=args.bn_utts))
 
 
 def cmd_export(args, overrides) -> None:
-    from sqjax import study
+    from sqjax import runs
 
-    path, report = study.export_workdir(args.workdir, args.out, args.bits)
+    path, report = runs.export_workdir(args.workdir, args.out, args.bits)
     print(report.format())
     print(f"\nwrote {path} ({path.stat().st_size:,} bytes)")
 
 
 def cmd_eval(args, overrides) -> None:
-    from sqjax import train
+    from sqjax import runs
 
-    result = train.evaluate_workdir(
+    if args.model:
+        if args.workdir or not (args.data and args.trials) or overrides:
+            raise ValueError("--model takes --data and --trials, and no --workdir or --config.*")
+        result = runs.evaluate_model_file(args.model, args.data, args.trials)
+        _print_metrics(result, f"metrics ({args.model}, {args.trials})")
+        return
+    if not args.workdir:
+        raise ValueError("give --workdir RUN (a training run) or --model FILE (sqjax export)")
+    result = runs.evaluate_workdir(
         args.workdir, data=args.data, trials=args.trials, step=args.step, overrides=overrides
     )
     _print_metrics(result, f"metrics ({args.workdir}, {args.trials or 'config test trials'})")
+
+
+def cmd_embed(args, overrides) -> None:
+    import numpy as np
+
+    from sqjax import runs
+    from sqjax.workdir import atomic_write
+
+    split, emb = runs.embed_model_file(args.model, args.data)
+    out = Path(args.out)
+    atomic_write(out, lambda f: np.save(f, emb))
+    utts = out.with_suffix(".utts.txt")
+    atomic_write(utts, "".join(u + "\n" for u in split.corpus.utts))
+    print(f"wrote {out} ({emb.shape[0]} x {emb.shape[1]} float32) and {utts} (row order)")
+
+
+def cmd_analyze(args, overrides) -> None:
+    from sqjax import study
+
+    if bool(args.study) == bool(args.workdir):
+        raise ValueError("give --study DIR (a `sqjax qat` study) or --workdir FP32_RUN --ptq BITS")
+    if args.study:
+        if args.ptq:
+            raise ValueError("--ptq goes with --workdir (an FP32 run), not with --study")
+        config, variables = study.study_precisions(args.study)
+    else:
+        config, variables = study.ptq_precisions(args.workdir, args.ptq or (8, 4, 3, 2, 1))
+    out = Path(args.out or Path(args.study or args.workdir) / "analysis")
+    result = study.analyze(
+        config,
+        variables,
+        out,
+        data=args.data,
+        trials=args.trials,
+        cal_data=args.cal_data,
+        cal_trials=args.cal_trials,
+        threshold=args.threshold,
+    )
+    print("\n" + study.format_analysis(result))
+    print(f"\nwrote {out}/scores.npz, score_analysis.json, figures/")
 
 
 def cmd_synth(args, overrides) -> None:
@@ -127,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(os.environ.get("SQJAX_CPU_DEVICES", "1")),
         help="simulated CPU devices for data parallelism on a CPU host (default 1)",
     )
+    p.add_argument("--debug", action="store_true", help="show tracebacks of expected errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an FP32 encoder, then score the test trials")
@@ -144,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("ptq", help="post-training quantization of an FP32 run, scored per width")
     pt.add_argument("--workdir", required=True, help="FP32 run directory")
     pt.add_argument("--bits", type=_bits_list, default=(8, 4, 3, 2, 1), help="e.g. 8,4,2")
+    pt.add_argument(
+        "--bn-utts",
+        type=int,
+        default=256,
+        help="also score with BatchNorm statistics re-estimated on this many training crops "
+        "(0: skip)",
+    )
     pt.set_defaults(fn=cmd_ptq)
 
     x = sub.add_parser("export", help="write a run's encoder as packed b-bit indices + codebooks")
@@ -152,12 +220,33 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--bits", type=int, default=None, help="PTQ width for an FP32 run")
     x.set_defaults(fn=cmd_export)
 
-    e = sub.add_parser("eval", help="score a trial list with a trained run")
-    e.add_argument("--workdir", required=True, help="run directory written by train or qat")
+    e = sub.add_parser("eval", help="score a trial list with a trained run or a model file")
+    e.add_argument("--workdir", default="", help="run directory written by train or qat")
+    e.add_argument("--model", default="", help="model file written by `sqjax export`")
     e.add_argument("--data", default="", help="data dir holding the trial utterances")
     e.add_argument("--trials", default="", help="trial list (VoxCeleb or Kaldi format)")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     e.set_defaults(fn=cmd_eval)
+
+    a = sub.add_parser(
+        "analyze", help="score-level analysis of every precision against FP32 (drift, flips, knee)"
+    )
+    a.add_argument("--study", default="", help="a `sqjax qat` study directory")
+    a.add_argument("--workdir", default="", help="an FP32 run, quantized after training")
+    a.add_argument("--ptq", type=_bits_list, default=None, help="widths for --workdir (8,4,3,2,1)")
+    a.add_argument("--data", default="", help="data dir of other test trials")
+    a.add_argument("--trials", default="", help="trial list in --data")
+    a.add_argument("--cal-data", default="", help="data dir of the calibration trials")
+    a.add_argument("--cal-trials", default="", help="calibration trial list")
+    a.add_argument("--threshold", choices=("eer", "min_dcf"), default="eer", help="FP32 theta")
+    a.add_argument("--out", default="", help="output dir (default: STUDY_OR_RUN/analysis)")
+    a.set_defaults(fn=cmd_analyze)
+
+    m = sub.add_parser("embed", help="embed every utterance of a data dir with a model file")
+    m.add_argument("--model", required=True, help="model file written by `sqjax export`")
+    m.add_argument("--data", required=True, help="Kaldi data dir or VoxCeleb tree")
+    m.add_argument("--out", required=True, help="embeddings .npy (n_utts, dim)")
+    m.set_defaults(fn=cmd_embed)
 
     s = sub.add_parser("synth", help="generate the built-in synthetic speaker corpus")
     s.add_argument("--out", required=True)
@@ -182,7 +271,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "jax", "orbax"):  # orbax logs every checkpoint's options at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args.fn(args, rest)
+    try:
+        args.fn(args, rest)
+    except EXPECTED_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"sqjax {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,21 @@ from pathlib import Path
 import ml_collections
 
 
+class ConfigError(ValueError):
+    """A config file or override the user can fix."""
+
+
+class ConfigKeyError(ConfigError, KeyError):
+    """An override names a key the config does not have."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An override's value has another type than the default's."""
+
+
 def default_config() -> ml_collections.ConfigDict:
     """Every setting sqjax reads, with its default. Names no data, so it cannot run alone."""
     c = ml_collections.ConfigDict()
@@ -43,6 +58,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.train = ""  # Kaldi data dir or VoxCeleb root (idXXXXX/video/nnnnn.wav)
     c.data.test = ""
     c.data.test_trials = ""  # VoxCeleb ("1 enroll test") or Kaldi ("enroll test target")
+    # Calibration trials (score -> LLR maps), speakers disjoint from train and test; the
+    # built-in corpus uses its dev split.
+    c.data.cal = ""
+    c.data.cal_trials = ""
     c.data.feature_cache = ""  # directory for cached log-mel features ("" = no cache)
     c.data.sample_rate = 16000
     c.data.min_seconds = 0.5  # shorter files are an error, not silently padded
@@ -85,6 +104,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.quant.iters = 50  # Lloyd iterations at initialisation
     c.quant.refresh_every = 50  # steps between codebook refreshes
     c.quant.refresh_iters = 5  # warm-started Lloyd iterations per refresh
+    # Train the centroids too (gradient: the sum of their members'); a refresh then only
+    # re-seeds empty clusters. Off: centroids follow the weights by Lloyd refreshes.
+    c.quant.learn_centroids = False
     # `sqjax qat` studies: one fine-tuning run per width, with these training settings.
     c.quant.bits_list = (8, 4, 3, 2, 1)
     c.quant.num_steps = 200
@@ -111,7 +133,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.C
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} has no get_config() function")
+        raise ConfigError(f"{path} has no get_config() function")
     return apply_overrides(module.get_config(), overrides, source=path)
 
 
@@ -123,7 +145,7 @@ def apply_overrides(
     for item in overrides:
         key, sep, text = item.removeprefix("--").removeprefix("config.").partition("=")
         if not sep:
-            raise ValueError(f"override {item!r}: expected --config.<key>=<value>")
+            raise ConfigError(f"override {item!r}: expected --config.<key>=<value>")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -132,10 +154,10 @@ def apply_overrides(
         node = config
         for part in filter(None, parent.split(".")):
             if part not in node:
-                raise KeyError(f"override {item!r}: config has no key {part!r} (in {path})")
+                raise ConfigKeyError(f"override {item!r}: config has no key {part!r} (in {path})")
             node = node[part]
         if leaf not in node:
-            raise KeyError(f"override {item!r}: config has no key {key!r} (in {path})")
+            raise ConfigKeyError(f"override {item!r}: config has no key {key!r} (in {path})")
         old = node[leaf]
         if isinstance(old, str):
             value = text  # a path like "2024" stays a string
@@ -144,7 +166,7 @@ def apply_overrides(
         if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
             value = type(old)(value)  # JSON round trips (config.json) turn tuples to lists
         if old is not None and type(old) is not type(value):
-            raise TypeError(
+            raise ConfigTypeError(
                 f"override {item!r}: {key} is {type(old).__name__}, got {type(value).__name__}"
             )
         node[leaf] = value

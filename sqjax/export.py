@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from typing import Any, NamedTuple
 
 import jax
@@ -34,8 +33,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from sqjax import quant
+from sqjax.workdir import atomic_write
 
-__all__ = ["LeafSize", "SizeReport", "export_packed", "load_packed", "size_report"]
+__all__ = [
+    "LeafSize",
+    "SizeReport",
+    "export_packed",
+    "load_packed",
+    "read_metadata",
+    "size_report",
+]
 
 _FORMAT, _VERSION = "sqjax-packed", 1
 
@@ -152,14 +159,20 @@ def _unpack(buf: np.ndarray, bits: int, n: int) -> np.ndarray:
     return planes.astype(np.int32) @ (1 << np.arange(bits, dtype=np.int32))
 
 
-_indices = jax.jit(lambda w, cb: quant._lookup(w, cb)[1])  # the same assignment as apply
+_indices = jax.jit(quant.codebook_indices)  # the same assignment as apply
 
 
-def export_packed(path: str | os.PathLike, params: Any, state: quant.QuantizerState) -> SizeReport:
+def export_packed(
+    path: str | os.PathLike,
+    params: Any,
+    state: quant.QuantizerState,
+    metadata: dict | None = None,
+) -> SizeReport:
     """Writes the quantized model (see the module docstring) and returns its SizeReport.
 
     ``state`` is the quantizer state whose codebooks ``quantizer.apply`` would use; it
     fixes which leaves are quantized, their bit width (log2 K) and granularity.
+    ``metadata`` (JSON-serialisable) is stored in the header; ``read_metadata`` returns it.
     """
     meta, indices, codebooks, floats = [], [], [], []
     offs = {"idx": 0, "cb": 0, "fl": 0}
@@ -169,7 +182,7 @@ def export_packed(path: str | os.PathLike, params: Any, state: quant.QuantizerSt
             raise ValueError(
                 f"export_packed: leaf {quant.path_str(kp)!r} has dtype {dtype}; only float leaves can be exported"
             )
-        entry = {"path": quant._key_parts(kp), "shape": list(np.shape(w)), "dtype": dtype.name}
+        entry = {"path": quant.path_parts(kp), "shape": list(np.shape(w)), "dtype": dtype.name}
         if cb is None:
             floats.append(np.asarray(w, np.float32).ravel())
             entry.update(bits=None, per_channel=False, offset=offs["fl"])
@@ -190,7 +203,8 @@ def export_packed(path: str | os.PathLike, params: Any, state: quant.QuantizerSt
             offs["cb"] += cb.size
         meta.append(entry)
     header = json.dumps(
-        {"format": _FORMAT, "version": _VERSION, "leaves": meta}, separators=(",", ":")
+        {"format": _FORMAT, "version": _VERSION, "leaves": meta, "metadata": metadata or {}},
+        separators=(",", ":"),
     )
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
     arrays = {
@@ -199,20 +213,21 @@ def export_packed(path: str | os.PathLike, params: Any, state: quant.QuantizerSt
         "codebooks": cat(codebooks, np.float32),
         "floats": cat(floats, np.float32),
     }
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(
-        dir=os.path.dirname(os.path.abspath(path)), prefix=".sqjax-", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # savez stores members uncompressed
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # savez stores members uncompressed
     return dataclasses.replace(size_report(params, state), file_bytes=os.path.getsize(path))
+
+
+def _read_header(path: str | os.PathLike, z) -> dict:
+    header = json.loads(bytes(z["header"]).decode())
+    if header.get("format") != _FORMAT or header.get("version") != _VERSION:
+        raise ValueError(f"{path}: not a {_FORMAT} v{_VERSION} file (header {str(header)[:80]})")
+    return header
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The ``metadata`` dict an ``export_packed`` file was written with."""
+    with np.load(os.fspath(path), allow_pickle=False) as z:
+        return _read_header(path, z).get("metadata", {})
 
 
 def load_packed(path: str | os.PathLike, target: Any = None) -> Any:
@@ -223,11 +238,7 @@ def load_packed(path: str | os.PathLike, target: Any = None) -> Any:
     with the same leaf paths, e.g. the original params) the result has its structure.
     """
     with np.load(os.fspath(path), allow_pickle=False) as z:
-        header = json.loads(bytes(z["header"]).decode())
-        if header.get("format") != _FORMAT or header.get("version") != _VERSION:
-            raise ValueError(
-                f"{path}: not a {_FORMAT} v{_VERSION} file (header {str(header)[:80]})"
-            )
+        header = _read_header(path, z)
         indices, codebooks, floats = z["indices"], z["codebooks"], z["floats"]
     values = {}
     for e in header["leaves"]:
@@ -256,7 +267,7 @@ def load_packed(path: str | os.PathLike, target: Any = None) -> Any:
             node[parts[-1]] = x
         return root
     flat, treedef = jax.tree_util.tree_flatten_with_path(target)
-    keys = [tuple(quant._key_parts(kp)) for kp, _ in flat]
+    keys = [tuple(quant.path_parts(kp)) for kp, _ in flat]
     missing = [quant.path_str(kp) for (kp, _), k in zip(flat, keys) if k not in values]
     if missing or len(keys) != len(values):
         raise ValueError(

@@ -16,13 +16,13 @@ import math
 import multiprocessing
 import os
 import re
-import tempfile
 
 import librosa
 import numpy as np
 from tqdm.auto import tqdm
 
 from sqjax.data import Corpus, DataError, load_audio
+from sqjax.workdir import atomic_write
 
 _CACHE_VERSION = 2  # bump when the feature code or cache layout changes: old caches are refused
 
@@ -107,19 +107,6 @@ def _cache_file(cache_dir: str, utt: str, path: str, params: dict) -> str:
     return os.path.join(cache_dir, digest[:2], f"{safe}-{digest[:16]}.npy")
 
 
-def _atomic_write(path: str, write) -> None:
-    """Writes via a temp file in the same dir + os.replace, so readers never see half a file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _prepare_cache(cache_dir: str, params: dict) -> None:
     """Creates cache_dir/meta.json, or checks that an existing one has the same params."""
     meta = os.path.join(cache_dir, "meta.json")
@@ -137,7 +124,7 @@ def _prepare_cache(cache_dir: str, params: dict) -> None:
                 f"this one"
             )
         return
-    _atomic_write(meta, lambda f: f.write(json.dumps(params, indent=2).encode()))
+    atomic_write(meta, json.dumps(params, indent=2))
 
 
 def _one_utterance(job: tuple) -> np.ndarray:
@@ -180,7 +167,7 @@ def _one_utterance(job: tuple) -> np.ndarray:
         params["mean_norm"],
     )
     if cache_file is not None:
-        _atomic_write(cache_file, lambda f: np.save(f, feats))
+        atomic_write(cache_file, lambda f: np.save(f, feats))
     return feats
 
 

@@ -196,8 +196,8 @@ def fit_calibration(
     Minimises p_target * mean_tar softplus(-z) + (1 - p_target) * mean_non softplus(z) with
     z = a * s + b + logit(p_target), so that a * s + b is an LLR whatever the ratio of
     target to non-target trials. Solved by damped Newton steps on standardised scores. A
-    tiny ridge (1e-6) on the slope keeps the solution finite when the classes are
-    separable (the slope is then large but finite).
+    tiny ridge on the slope (1e-6 times the smaller class prior, since the loss scales
+    with it) keeps the solution finite when the classes are separable.
 
     Returns:
       (a, b) such that ``apply_calibration(scores, a, b)`` gives LLRs.
@@ -212,7 +212,7 @@ def fit_calibration(
     sign = np.where(y, 1.0, -1.0)
     w = np.where(y, p_target / y.sum(), (1.0 - p_target) / (~y).sum())
     offset = np.log(p_target) - np.log1p(-p_target)
-    ridge = np.array([1e-6, 0.0])
+    ridge = np.array([1e-6 * min(p_target, 1.0 - p_target), 0.0])
 
     def loss(theta):
         return np.sum(w * np.logaddexp(0.0, -sign * (x @ theta + offset))) + 0.5 * ridge @ theta**2

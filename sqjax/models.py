@@ -27,11 +27,14 @@ _PAD3 = ((1, 1), (1, 1))
 POOL_EPS = 1e-5
 
 
+BN_MOMENTUM = 0.9  # running average: new = BN_MOMENTUM * old + (1 - BN_MOMENTUM) * batch
+
+
 def _bn(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
     # PyTorch BatchNorm defaults (its momentum 0.1 is 0.9 here), as in WeSpeaker.
     return nn.BatchNorm(
         use_running_average=not train,
-        momentum=0.9,
+        momentum=BN_MOMENTUM,
         epsilon=1e-5,
         dtype=dtype,
         param_dtype=jnp.float32,

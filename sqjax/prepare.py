@@ -70,6 +70,8 @@ def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
         d.train = d.train or str(root / "train")
         d.test = d.test or str(root / "test")
         d.test_trials = d.test_trials or str(root / "test" / "trials")
+        d.cal = d.get("cal") or str(root / "dev")  # runs older than data.cal lack it
+        d.cal_trials = d.get("cal_trials") or str(root / "dev" / "trials")
         d.feature_cache = d.feature_cache or str(root / "features")
     return d
 
@@ -159,3 +161,11 @@ def test_data(config: ml_collections.ConfigDict) -> Split:
     if not d.test_trials:
         raise ValueError("no test trials: set config.data.test_trials (or use data.synth=True)")
     return _split(config, d, d.test, d.test_trials, "test")
+
+
+def calibration_data(config: ml_collections.ConfigDict) -> Split | None:
+    """The calibration split with its trials, or None when the config names none."""
+    d = resolve_paths(config)
+    if not (d.get("cal") and d.get("cal_trials")):
+        return None
+    return _split(config, d, d.cal, d.cal_trials, "cal")

@@ -25,6 +25,8 @@ import scipy.fft
 import soundfile as sf
 from tqdm.auto import tqdm
 
+from sqjax.workdir import atomic_write
+
 SYNTH_VERSION = 1  # bump whenever the same arguments would give different audio
 
 _WIN, _HOP, _NFFT = 512, 128, 1024  # frame, hop and zero-padded FFT length (samples)
@@ -429,16 +431,11 @@ def _utterance_task(task: tuple) -> None:
     voice = sample_voice(np.random.default_rng([seed, 1, spk]))
     rng = np.random.default_rng([seed, 2, spk, utt])
     wave = synthesize_utterance(voice, rng, rng.uniform(min_dur, max_dur), sr, difficulty)
-    tmp = f"{path}.tmp{os.getpid()}"
-    sf.write(tmp, wave, sr, subtype="PCM_16", format="WAV")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: sf.write(f, wave, sr, subtype="PCM_16", format="WAV"))
 
 
 def _write_text(path: pathlib.Path, lines: list[str]) -> None:
-    """Writes lines atomically, so that a crash never leaves a truncated file."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in lines))
 
 
 def _sample_trials(

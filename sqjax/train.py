@@ -1,7 +1,8 @@
 """FP32 and quantization-aware training of speaker encoders, data parallel over a mesh.
 
 The shape follows flax's imagenet example: small pure functions (``create_train_state``,
-``train_step``) and one ``train_and_evaluate(config, workdir)`` that reads the config.
+``train_step``) and one ``train(config, workdir, data)`` that reads the config; it returns
+the final state and never evaluates (``sqjax.runs.train_and_evaluate`` does both).
 Parameters are replicated and the batch is sharded over the ``data`` axis of a device
 mesh; the same code runs on one CPU, simulated CPU devices, GPUs and TPU hosts.
 """
@@ -12,6 +13,7 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +28,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from sqjax import evaluate, models, prepare
+from sqjax import models, prepare
+from sqjax import workdir as workdir_lib
+from sqjax.pipeline import CropSampler, prefetch
 
 if TYPE_CHECKING:
     from sqjax import quant
-from sqjax.pipeline import CropSampler, prefetch
 
 log = logging.getLogger("sqjax")
 
@@ -63,6 +66,11 @@ def build_encoder(config: ml_collections.ConfigDict) -> models.ResNet:
     if m.width:  # 0 = the preset's width
         overrides["width"] = m.width
     return models.build_encoder(m.name, **overrides)
+
+
+def build_head(config: ml_collections.ConfigDict) -> models.AAMSoftmax:
+    """The AAM-softmax training head (``config.head.num_classes`` set from the data)."""
+    return models.AAMSoftmax(num_classes=config.head.num_classes, scale=config.head.scale)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -128,21 +136,27 @@ def train_step(
     margin: float,
     margin_warmup_steps: int,
     quantizer=None,
+    learn_centroids: bool = False,
     microbatches: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch ``{"feats": (B, T, F), "labels": (B,)}``.
 
     With a ``quantizer`` the encoder runs on quantized weights and the straight-through
-    gradient updates the latent FP32 weights. ``microbatches > 1`` accumulates gradients
-    over batch chunks: XLA:CPU computes conv weight gradients faster on small batches.
-    Donate ``state`` when jitting; the step is pure.
+    gradient updates the latent FP32 weights; with ``learn_centroids`` the optimizer also
+    trains the codebooks (its state then covers ``(params, qstate)``).
+    ``microbatches > 1`` accumulates gradients over batch chunks: XLA:CPU computes conv
+    weight gradients faster on small batches. Donate ``state`` when jitting; the step is
+    pure.
     """
     m = margin_at(state.step, margin, margin_warmup_steps)
+    learn = quantizer is not None and learn_centroids
+    trainable = (state.params, state.qstate) if learn else state.params
 
-    def loss_fn(params, batch_stats, feats, labels):
+    def loss_fn(trainable, batch_stats, feats, labels):
+        params, qstate = trainable if learn else (trainable, state.qstate)
         enc = params["encoder"]
         if quantizer is not None:
-            enc = quantizer.apply(enc, state.qstate)
+            enc = quantizer.apply(enc, qstate)
         emb, updates = encoder.apply(
             {"params": enc, "batch_stats": batch_stats}, feats, train=True, mutable=["batch_stats"]
         )
@@ -153,7 +167,7 @@ def train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     feats, labels = batch["feats"], batch["labels"]
     if microbatches == 1:
-        (loss, (batch_stats, acc)), grads = grad_fn(state.params, state.batch_stats, feats, labels)
+        (loss, (batch_stats, acc)), grads = grad_fn(trainable, state.batch_stats, feats, labels)
     else:
         # Chunk c holds examples c, c+m, c+2m, ...: every device keeps an equal share of
         # each chunk, so the split needs no communication.
@@ -166,11 +180,11 @@ def train_step(
         # Normalisation itself uses each chunk's statistics ("ghost" BatchNorm).
         def body(carry, chunk):
             grads, stats, loss, acc = carry
-            (l, (bs, a)), g = grad_fn(state.params, state.batch_stats, *chunk)
+            (l, (bs, a)), g = grad_fn(trainable, state.batch_stats, *chunk)
             add = functools.partial(jax.tree.map, jnp.add)
             return (add(grads, g), add(stats, bs), loss + l, acc + a), None
 
-        zeros = jax.tree.map(jnp.zeros_like, (state.params, state.batch_stats))
+        zeros = jax.tree.map(jnp.zeros_like, (trainable, state.batch_stats))
         carry = (*zeros, 0.0, 0.0)
         (grads, batch_stats, loss, acc), _ = jax.lax.scan(
             body, carry, (split(feats), split(labels))
@@ -178,10 +192,15 @@ def train_step(
         grads, batch_stats = jax.tree.map(lambda x: x / microbatches, (grads, batch_stats))
         loss, acc = loss / microbatches, acc / microbatches
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    trained = optax.apply_updates(trainable, updates)
+    params, qstate = trained if learn else (trained, state.qstate)
     new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        step=state.step + 1,
+        params=params,
+        qstate=qstate,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
     )
     grad_norm = optax.tree_utils.tree_norm(grads)
     metrics = {"loss": loss, "accuracy": acc, "margin": m, "grad_norm": grad_norm}
@@ -196,136 +215,45 @@ def build_quantizer(config: ml_collections.ConfigDict, bits: int) -> quant.KMean
     rules = tuple(quant.Rule(p, bits=None) for p in q.keep_float) + (
         quant.Rule(r"kernel$", bits=bits, per_channel=q.per_channel),
     )
-    return quant.kmeans_quantizer(rules, iters=q.iters, refresh_iters=q.refresh_iters)
-
-
-def _checkpoint_manager(workdir: Path, config) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.train.keep_checkpoints, create=True, enable_async_checkpointing=False
+    return quant.kmeans_quantizer(
+        rules, iters=q.iters, refresh_iters=q.refresh_iters, learn_centroids=q.learn_centroids
     )
-    return ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options)
 
 
-def restore_state(
-    workdir: Path, target: TrainState, config, step: int | None = None, sharding=None
-) -> TrainState:
-    """The checkpoint at ``step`` (latest by default) of ``workdir``, shaped like ``target``
-    and placed with ``sharding`` (default: replicated over every device)."""
-    if sharding is None:
-        sharding = NamedSharding(make_mesh(), P())
-    with _checkpoint_manager(Path(workdir), config) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
-        return _restore(mngr, step, target, sharding)
-
-
-def _restore(mngr: ocp.CheckpointManager, step: int, target: TrainState, sharding) -> TrainState:
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target
-    )
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-
-
-def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    """The config a run in ``workdir`` was started with."""
-    path = Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {workdir} a sqjax training workdir?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drops log rows past ``step``: a resumed run redoes those steps and logs them again."""
-    if path.exists():
-        rows = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(r + "\n" for r in rows))
-        tmp.replace(path)
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    tmp.replace(path)
-
-
-# Settings that do not change the trained parameters: a run may resume with others.
-_RESUME_FREE = {
-    "progress",
-    "num_devices",
-    "distributed",
-    "data.workers",
-    "data.feature_cache",
-    "data.synth_args.workers",
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-}
-
-
-def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
-    """A run resumes exactly only under the config it started with: refuse any other."""
-    old = load_run_config(workdir).to_dict()
-    new = json.loads(config.to_json())
-
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            elif f"{prefix}{k}" not in _RESUME_FREE and not prefix.startswith("eval."):
-                yield f"{prefix}{k}", v
-
-    old, new = dict(flat(old)), dict(flat(new))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if changed:
-        raise ValueError(
-            f"{workdir} holds checkpoints of a run with another config (changed: "
-            f"{', '.join(changed)}); use a new --workdir, or the run's own settings to resume"
-        )
-
-
-def _check_init_from(
-    init_from: str, fp32: TrainState, state: TrainState, bits_of_init: int
-) -> None:
-    if bits_of_init:
-        raise ValueError(
-            f"config.quant.init_from={init_from} is a {bits_of_init}-bit QAT run: give an FP32 run"
-        )
+def _check_init(init: TrainState, state: TrainState) -> None:
     want = jax.tree.map(jnp.shape, (state.params, state.batch_stats))
-    got = jax.tree.map(jnp.shape, (fp32.params, fp32.batch_stats))
+    got = jax.tree.map(jnp.shape, (init.params, init.batch_stats))
     if want != got:
         raise ValueError(
-            f"config.quant.init_from={init_from}: its model or speaker count differs from this "
-            "config's (parameter shapes differ); give the FP32 run of the same model and data"
+            "config.quant.init_from: its model or speaker count differs from this config's "
+            "(parameter shapes differ); give the FP32 run of the same model and data"
         )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Trains (or resumes) the run in ``workdir``, then scores the test trials.
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    data: prepare.Split,
+    init: Callable[[], TrainState] | None = None,
+) -> TrainState:
+    """Trains (or resumes) the run in ``workdir`` on ``data``; returns the final state.
 
-    Returns the test metrics (also written to ``workdir/metrics_test.json``). Multi-host
-    runs call ``jax.distributed.initialize()`` first (the ``sqjax`` command does when
-    ``config.distributed`` is set); only process 0 writes logs and results.
+    QAT runs (``config.quant.bits``) start from ``init()``, a trained FP32 state (called
+    only when the run starts afresh), and fit their codebooks to it. Codebooks are refreshed every ``quant.refresh_every`` steps
+    *before* a step, never after the last one: the saved model is exactly the network
+    whose BatchNorm statistics the last steps collected. Multi-host runs call
+    ``jax.distributed.initialize()`` first; only process 0 writes logs.
     """
     from tensorboardX import SummaryWriter
 
-    t = config.train
+    t, q = config.train, config.quant
     for key in ("checkpoint_every", "log_every", "num_steps"):
         if t[key] <= 0:
             raise ValueError(f"config.train.{key}={t[key]} must be positive")
-    if config.quant.bits and config.quant.refresh_every <= 0:
-        raise ValueError(
-            f"config.quant.refresh_every={config.quant.refresh_every} must be positive"
-        )
-    paths = prepare.resolve_paths(config)
-    if not (paths.test and paths.test_trials):
-        raise ValueError("set config.data.test and config.data.test_trials (scored after training)")
+    if q.bits and q.refresh_every <= 0:
+        raise ValueError(f"config.quant.refresh_every={q.refresh_every} must be positive")
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
-    data = prepare.training_data(config)
-    config = ml_collections.ConfigDict(config.to_dict())  # the caller's config stays as it was
-    config.head.num_classes = data.n_speakers
     mesh = make_mesh(config.num_devices)
     n_dev = mesh.devices.size
     if t.batch_size % (n_dev * t.microbatches):
@@ -333,33 +261,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             f"config.train.batch_size={t.batch_size} must be divisible by the device count "
             f"({n_dev}) times config.train.microbatches ({t.microbatches})"
         )
-    encoder = build_encoder(config)
-    tx = make_optimizer(config)
-    quantizer = build_quantizer(config, config.quant.bits) if config.quant.bits else None
-    head = models.AAMSoftmax(num_classes=data.n_speakers, scale=config.head.scale)
+    encoder, head, tx = build_encoder(config), build_head(config), make_optimizer(config)
+    quantizer = build_quantizer(config, q.bits) if q.bits else None
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     state = create_train_state(jax.random.key(config.seed), encoder, head, tx, t.n_frames)
-    with _checkpoint_manager(workdir, config) as mngr:
+    with workdir_lib.checkpoint_manager(workdir, t.keep_checkpoints) as mngr:
         start = mngr.latest_step()
         if start is not None:
-            _check_resumable(workdir, config)
+            workdir_lib.check_resumable(workdir, config)
         elif is_main:
-            write_json(workdir / "config.json", json.loads(config.to_json()))
-        if quantizer is not None and start is None:
-            if not config.quant.init_from:
-                raise ValueError(
-                    "config.quant.bits is set: give config.quant.init_from=<FP32 workdir>"
-                )
-            init_config, fp32, _ = restore_run(config.quant.init_from)
-            _check_init_from(config.quant.init_from, fp32, state, init_config.quant.bits)
-            state = state.replace(params=fp32.params, batch_stats=fp32.batch_stats)
-            state = state.replace(qstate=quantizer.init(state.params["encoder"]))
-        elif quantizer is not None:  # a restore template; the checkpoint holds the codebooks
-            state = state.replace(qstate=quantizer.init(state.params["encoder"]))
+            workdir_lib.write_json(workdir / "config.json", json.loads(config.to_json()))
+        if quantizer is not None:
+            if start is None:
+                if init is None:
+                    raise ValueError(
+                        "config.quant.bits is set: give config.quant.init_from=<FP32 workdir>"
+                    )
+                fp32 = init()
+                _check_init(fp32, state)
+                state = state.replace(params=fp32.params, batch_stats=fp32.batch_stats)
+            # Fitted to the FP32 start, or a restore template for the checkpoint's codebooks.
+            state = with_codebooks(state, quantizer, tx, q.learn_centroids)
         if start is not None:
             log.info("resuming %s from step %d", workdir, start)
-            state = _restore(mngr, start, state, replicated)
+            state = workdir_lib.restore(mngr, start, state, replicated)
         start = start or 0
         state = jax.device_put(state, replicated)
 
@@ -372,6 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 margin=config.head.margin,
                 margin_warmup_steps=config.head.margin_warmup_steps,
                 quantizer=quantizer,
+                learn_centroids=q.learn_centroids,
                 microbatches=t.microbatches,
             ),
             in_shardings=(replicated, batch_sharding),
@@ -386,13 +313,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 donate_argnums=1,
             )
 
-            def refresh(state):
-                return state.replace(qstate=update(state.params["encoder"], state.qstate))
-
         sampler = CropSampler(data.feats, data.labels, t.n_frames, config.seed)
         log_path = workdir / "metrics.jsonl"
         if is_main:
-            _truncate_log(log_path, start)
+            workdir_lib.truncate_log(log_path, start)
             writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=start or None)
         bar = tqdm(
             total=t.num_steps * t.batch_size,
@@ -407,8 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         for step, batch in enumerate(
             prefetch(sampler, start, t.num_steps, t.batch_size, batch_sharding), start=start
         ):
-            if quantizer is not None and step % config.quant.refresh_every == 0 and step > 0:
-                state = refresh(state)
+            if quantizer is not None and step % q.refresh_every == 0 and step > 0:
+                state = state.replace(qstate=update(state.params["encoder"], state.qstate))
             state, metrics = step_fn(state, batch)
             pending.append(metrics)
             done = step + 1
@@ -431,58 +355,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 # in XLA's collectives when ~40 are in flight.
                 jax.block_until_ready(metrics)
             if done % t.checkpoint_every == 0 or done == t.num_steps:
-                if quantizer is not None and done == t.num_steps:
-                    state = refresh(state)  # the final codebooks match the final weights
                 mngr.save(done, args=ocp.args.StandardSave(state))
         bar.close()
         if is_main:
             writer.close()
         mngr.wait_until_finished()
-
-    return evaluate.evaluate_run(
-        config, workdir, state=state, quantizer=quantizer, train_split=data
-    )
+    return state
 
 
-def restore_run(workdir: str | Path, step: int | None = None, overrides: list[str] = ()):
-    """``(config, state, quantizer)`` of a training run's checkpoint (latest by default).
-
-    ``quantizer`` is None for FP32 runs; ``overrides`` are ``--config.key=value`` items.
-    """
-    from sqjax import config as config_lib
-
-    config = load_run_config(workdir)
-    config_lib.apply_overrides(config, list(overrides), source=Path(workdir) / "config.json")
-    encoder = build_encoder(config)
-    head = models.AAMSoftmax(num_classes=config.head.num_classes, scale=config.head.scale)
+def state_template(config: ml_collections.ConfigDict) -> tuple[TrainState, Any]:
+    """``(state, quantizer)``: a freshly initialised state shaped like the checkpoints of a
+    run with ``config`` (codebooks included for QAT runs), to restore into."""
+    encoder, head = build_encoder(config), build_head(config)
     state = create_train_state(
         jax.random.key(0), encoder, head, make_optimizer(config), config.train.n_frames
     )
     quantizer = None
     if config.quant.bits:
         quantizer = build_quantizer(config, config.quant.bits)
-        state = state.replace(qstate=quantizer.init(state.params["encoder"]))
-    return config, restore_state(workdir, state, config, step), quantizer
+        state = with_codebooks(
+            state, quantizer, make_optimizer(config), config.quant.learn_centroids
+        )
+    return state, quantizer
 
 
-def evaluate_workdir(
-    workdir: str | Path,
-    *,
-    data: str = "",
-    trials: str = "",
-    step: int | None = None,
-    overrides: list[str] = (),
-) -> dict:
-    """Scores a trial list with the checkpoint of a training run (QAT runs quantized).
+def with_codebooks(
+    state: TrainState, quantizer: quant.KMeansQuantizer, tx, learn_centroids: bool
+) -> TrainState:
+    """``state`` with codebooks fitted to its encoder weights; when the codebooks are
+    learned, the optimizer state covers them too (fresh moments)."""
+    state = state.replace(qstate=quantizer.init(state.params["encoder"]))
+    if learn_centroids:
+        state = state.replace(opt_state=tx.init((state.params, state.qstate)))
+    return state
 
-    Without ``data``/``trials`` it uses the run's own test set. Results go to
-    ``workdir/metrics_<tag>.json`` with tag ``test`` or the trial file's stem.
+
+def reestimate_batch_stats(
+    encoder: models.ResNet, variables: dict, batches: Iterable[jax.Array]
+) -> Any:
+    """BatchNorm statistics of ``encoder`` re-estimated on ``batches`` (forward only).
+
+    Each layer's running mean and variance become the plain average, over the batches, of
+    its batch mean and (biased) batch variance computed under ``variables["params"]`` --
+    e.g. quantized weights, whose activations no longer match the FP32 statistics. Each
+    batch is ``(B, frames, n_mels)``.
     """
-    config, state, quantizer = restore_run(workdir, step, overrides)
-    tag = "test"
-    if data or trials:
-        if not (data and trials):
-            raise ValueError("give both --data and --trials (or neither, for the run's test set)")
-        config.data.test, config.data.test_trials, tag = data, trials, Path(trials).stem
-        config.eval.baseline = False
-    return evaluate.evaluate_run(config, workdir, state=state, quantizer=quantizer, tag=tag)
+
+    @jax.jit
+    def batch_moments(params, x):
+        # From zero running statistics one update leaves (1 - momentum) * batch moment.
+        zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+        _, upd = encoder.apply(
+            {"params": params, "batch_stats": zeros}, x, train=True, mutable=["batch_stats"]
+        )
+        return jax.tree.map(lambda u: u / (1.0 - models.BN_MOMENTUM), upd["batch_stats"])
+
+    total, n = None, 0
+    for x in batches:
+        m = batch_moments(variables["params"], x)
+        total = m if total is None else jax.tree.map(jnp.add, total, m)
+        n += 1
+    if not n:
+        raise ValueError("reestimate_batch_stats: no batches given")
+    return jax.tree.map(lambda t: t / n, total)

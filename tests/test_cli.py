@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sqjax import cli
+from sqjax import cli, evaluate, prepare, runs
 from sqjax.data import DataError
 
 from .conftest import CONFIGS
@@ -49,9 +49,10 @@ def trained(tiny_config, tmp_path_factory):
 
 def test_train_prints_and_writes_metrics(trained):
     workdir, _, out = trained
-    assert "eer" in out and "raw-feature baseline" in out
     metrics = json.loads((workdir / "metrics_test.json").read_text())
-    assert 0 <= metrics["eer"] <= 1 and metrics["step"] == 2
+    assert metrics["step"] == 2
+    # The printed figures are those of the file, and the baseline's.
+    assert f"{metrics['eer']:8.4f}" in out and f"{metrics['baseline/eer']:.4f}" in out
 
 
 def test_eval_on_a_trial_list(trained, tmp_path):
@@ -75,7 +76,7 @@ def test_eval_on_a_trial_list(trained, tmp_path):
 
     trials.write_text(lines[0] + "\nnot-an-utt spk00000-0000 target\n")
     with pytest.raises(DataError, match=r"half.txt:2"):
-        cli.main(args)
+        cli.main(["--debug", *args])
 
 
 def test_ptq_and_export_of_an_fp32_run(trained, capsys):
@@ -88,10 +89,10 @@ def test_ptq_and_export_of_an_fp32_run(trained, capsys):
     out = capsys.readouterr().out
     assert "fp32" in out and "8bit" in out and "1bit" in out
     rows = json.loads((workdir / "ptq.json").read_text())
-    assert set(rows) == {"fp32", "8bit", "1bit"}
+    assert set(rows) == {"fp32", "8bit", "1bit", "8bit+bn", "1bit+bn"}
 
     with pytest.raises(ValueError, match="give --bits"):
-        cli.main(["export", "--workdir", str(workdir)])
+        cli.main(["--debug", "export", "--workdir", str(workdir)])
     cli.main(["export", "--workdir", str(workdir), "--bits", "2"])
     params = load_packed(workdir / "encoder_2bit.npz")
     kernels = [np.asarray(leaf["kernel"]) for leaf in _modules(params)]
@@ -106,3 +107,108 @@ def _modules(tree):
             yield tree
         for v in tree.values():
             yield from _modules(v)
+
+
+def _run_cli(capsys, *args) -> tuple[int, str]:
+    """Exit status and stderr of ``sqjax ARGS``."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(args))
+    return e.value.code, capsys.readouterr().err
+
+
+def test_expected_errors_print_one_line(trained, tmp_path, capsys):
+    code, err = _run_cli(capsys, "eval", "--workdir", str(tmp_path / "nope"))
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("sqjax eval: error: ") and "config.json not found" in err
+    config = str(CONFIGS / "tiny.py")
+    code, err = _run_cli(
+        capsys,
+        "train",
+        "--config",
+        config,
+        "--workdir",
+        str(tmp_path),
+        "--config.train.num_stepz=3",
+    )
+    assert code == 2 and err.count("\n") == 1 and "num_stepz" in err and "Traceback" not in err
+    code, err = _run_cli(capsys, "train", "--config", str(tmp_path / "x.py"), "--workdir", "w")
+    assert code == 2 and err.startswith("sqjax train: error: config file") and "x.py" in err
+    workdir, synth_dir, _ = trained
+    bad = tmp_path / "bad_trials"
+    bad.write_text("a b c d\n")
+    args = ["eval", "--workdir", str(workdir), "--data", f"{synth_dir}/test", "--trials", str(bad)]
+    code, err = _run_cli(capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and "bad_trials:1" in err
+    with pytest.raises(DataError):  # --debug: the exception itself, with its traceback
+        cli.main(["--debug", *args])
+
+
+def test_exported_model_file_runs_alone(trained, tmp_path, capsys):
+    import numpy as np
+
+    workdir, synth_dir, _ = trained
+    model = tmp_path / "enc2.npz"
+    cli.main(["export", "--workdir", str(workdir), "--bits", "2", "--out", str(model)])
+    capsys.readouterr()
+    # Scoring with the file alone equals post-training quantization of the run.
+    rows = runs.ptq_workdir(workdir, (2,), bn_utts=0)
+    trials = f"{synth_dir}/test/trials"
+    cli.main(["eval", "--model", str(model), "--data", f"{synth_dir}/test", "--trials", trials])
+    assert f"{rows['2bit']['eer']:8.4f}" in capsys.readouterr().out
+
+    out = tmp_path / "emb.npy"
+    cli.main(["embed", "--model", str(model), "--data", f"{synth_dir}/test", "--out", str(out)])
+    emb = np.load(out)
+    utts = (tmp_path / "emb.utts.txt").read_text().split()
+    config, state, _ = runs.restore_run(workdir)
+    q = runs.train.build_quantizer(config, 2)
+    variables = evaluate.encoder_variables(state.replace(qstate=q.init(state.params["encoder"])), q)
+    split = prepare.load_split(
+        f"{synth_dir}/test",
+        None,
+        sample_rate=16000,
+        n_mels=80,
+        cache_dir=None,
+        min_seconds=0.0,
+        workers=1,
+        progress=False,
+    )
+    assert utts == list(split.corpus.utts)
+    ref = evaluate.extract_embeddings(
+        evaluate.jitted_embed(runs.train.build_encoder(config)),
+        variables,
+        split.feats,
+        batch_size=config.eval.batch_size,
+        max_frames=config.eval.max_frames,
+    )
+    np.testing.assert_allclose(emb, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="--model takes --data and --trials"):
+        cli.main(["--debug", "eval", "--model", str(model), "--data", f"{synth_dir}/test"])
+
+
+def test_analyze_ptq_of_a_run(trained, capsys):
+    import numpy as np
+
+    workdir, _, _ = trained
+    runs.ptq_workdir(workdir, (2,), bn_utts=0)  # single-precision scores to compare with
+    cli.main(["analyze", "--workdir", str(workdir), "--ptq", "8,2"])
+    out = capsys.readouterr().out
+    assert "harmful" in out and "knee of eer" in out
+    z = np.load(workdir / "analysis" / "scores.npz")
+    assert list(z["precisions"]) == ["fp32", "8bit", "2bit"]
+    # One batched pass over all precisions gives each run's own scores.
+    np.testing.assert_allclose(
+        z["scores"][0], np.load(workdir / "scores_fp32.npz")["scores"], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        z["scores"][2], np.load(workdir / "scores_ptq2.npz")["scores"], atol=1e-5
+    )
+    result = json.loads((workdir / "analysis" / "score_analysis.json").read_text())
+    # Flips at the FP32 theta, counted here from the saved scores.
+    theta, y = result["theta"]["value"], z["labels"]
+    acc32, acc2 = z["scores"][0] >= theta, z["scores"][2] >= theta
+    harmful = int(np.sum((acc32 != acc2) & (acc32 == y)))
+    assert result["per_precision"]["2bit"]["flips"]["harmful"] == harmful
+    assert result["calibration"] is not None and np.isfinite(z["llrs"]).all()
+    for name in ("degradation", "drift", "flips", "det", "reliability"):
+        assert (workdir / "analysis" / "figures" / f"{name}.png").stat().st_size > 5000

@@ -12,11 +12,11 @@ import numpy as np
 import optax
 import pytest
 
-from sqjax import models, study, train
+from sqjax import metrics, models, prepare, runs, study, train, workdir
 
 
 def _params(workdir):
-    _, state, _ = train.restore_run(workdir)
+    _, state, _ = runs.restore_run(workdir)
     return state.params, state.batch_stats
 
 
@@ -62,7 +62,7 @@ def test_one_and_two_devices_train_the_same(tiny_config, tmp_path):
     for n in (1, 2):
         c = tiny_config.copy_and_resolve_references()
         c.num_devices, c.train.num_steps = n, 4
-        train.train_and_evaluate(c, tmp_path / f"dev{n}")
+        runs.train_and_evaluate(c, tmp_path / f"dev{n}")
     p1, s1 = _params(tmp_path / "dev1")
     p2, s2 = _params(tmp_path / "dev2")
     # Same global batch; only the order of float reductions differs.
@@ -73,11 +73,11 @@ def test_one_and_two_devices_train_the_same(tiny_config, tmp_path):
 def test_interrupted_run_resumes_exactly(tiny_config, tmp_path):
     c = tiny_config.copy_and_resolve_references()
     c.train.num_steps, c.train.checkpoint_every = 6, 3
-    result = train.train_and_evaluate(c, tmp_path)
+    result = runs.train_and_evaluate(c, tmp_path)
     full = _params(tmp_path)
     # As if killed after step 3's checkpoint: the step-6 checkpoint never got written.
     shutil.rmtree(tmp_path / "checkpoints" / "6")
-    resumed = train.train_and_evaluate(c, tmp_path)
+    resumed = runs.train_and_evaluate(c, tmp_path)
     _assert_trees(full, _params(tmp_path))
     assert resumed["eer"] == result["eer"]
     steps = [
@@ -86,10 +86,10 @@ def test_interrupted_run_resumes_exactly(tiny_config, tmp_path):
     ]
     assert steps == [2, 4, 6]  # log_every=2: the same rows as without the interruption
     c.train.log_every, c.eval.batch_size = 3, 4  # may change: the parameters do not
-    assert train.train_and_evaluate(c, tmp_path)["eer"] == result["eer"]
+    assert runs.train_and_evaluate(c, tmp_path)["eer"] == result["eer"]
     c.train.learning_rate = 0.5
     with pytest.raises(ValueError, match="changed: train.learning_rate"):
-        train.train_and_evaluate(c, tmp_path)
+        runs.train_and_evaluate(c, tmp_path)
 
 
 def test_qat_study_trains_on_codebook_and_resumes(tiny_config, tmp_path):
@@ -99,20 +99,81 @@ def test_qat_study_trains_on_codebook_and_resumes(tiny_config, tmp_path):
     c.train.checkpoint_every, c.quant.refresh_every = 2, 2
     rows = study.quantization_study(c, tmp_path)
     assert set(rows) == {"fp32", "2bit"}
-    config, state, quantizer = train.restore_run(tmp_path / "2bit")
+    config, state, quantizer = runs.restore_run(tmp_path / "2bit")
     assert config.quant.bits == 2 and int(state.step) == 4
     qparams = quantizer.apply(state.params["encoder"], state.qstate)
     for path, w in jax.tree_util.tree_leaves_with_path(qparams):
         if jax.tree_util.keystr(path).endswith("['kernel']"):
             assert len(np.unique(np.asarray(w))) <= 4, path
     # The latent weights moved away from the FP32 start (STE gradients reached them).
-    _, fp32, _ = train.restore_run(tmp_path / "fp32")
+    _, fp32, _ = runs.restore_run(tmp_path / "fp32")
     moved = jax.tree.map(
         lambda a, b: float(jnp.abs(a - b).max()), state.params["encoder"], fp32.params["encoder"]
     )
     assert max(jax.tree.leaves(moved)) > 0
+    # No refresh after the last step: the saved codebooks are those refreshed before step
+    # 3 from the step-2 weights, the ones the last two steps (and their BatchNorm
+    # statistics) ran with.
+    _, state2, _ = runs.restore_run(tmp_path / "2bit", step=2)
+    used = quantizer.update(state2.params["encoder"], state2.qstate)
+    _assert_trees(used, state.qstate, rtol=1e-6, atol=1e-6)  # jit vs eager rounding
+    # The evaluated network is that model: its EER is the one of these variables.
+    variables = {"params": qparams, "batch_stats": state.batch_stats}
+    scores = runs.score_variables(config, variables, prepare.test_data(config))
+    labels = prepare.test_data(config).trials.labels
+    assert rows["2bit"]["eer"] == pytest.approx(metrics.eer(scores, labels)[0])
+
+    # A study grows: another width trains only that width's run.
+    before = (tmp_path / "2bit" / "metrics.jsonl").read_text()
+    c.quant.bits_list = (2, 1)
+    rows = study.quantization_study(c, tmp_path)
+    assert set(rows) == {"fp32", "2bit", "1bit"}
+    assert (tmp_path / "2bit" / "metrics.jsonl").read_text() == before
+    assert int(runs.restore_run(tmp_path / "1bit")[1].step) == 4
+
     full = state
     shutil.rmtree(tmp_path / "2bit" / "checkpoints" / "4")
-    train.train_and_evaluate(train.load_run_config(tmp_path / "2bit"), tmp_path / "2bit")
-    _, again, _ = train.restore_run(tmp_path / "2bit")
+    runs.train_and_evaluate(workdir.load_run_config(tmp_path / "2bit"), tmp_path / "2bit")
+    _, again, _ = runs.restore_run(tmp_path / "2bit")
     _assert_trees((full.params, full.qstate), (again.params, again.qstate))
+
+
+def test_reestimated_batch_stats_are_the_mean_of_batch_moments():
+    # Reference: the stem conv's output for each batch (captured), its per-channel mean
+    # and biased variance in NumPy, averaged over the batches.
+    encoder = models.build_encoder("resnet_tiny", embed_dim=8)
+    x0 = jnp.zeros((2, 40, 80))
+    variables = encoder.init(jax.random.key(0), x0, train=False)
+    rng = np.random.default_rng(0)
+    batches = [jnp.asarray(rng.normal(size=(3, 40, 80)) + i, jnp.float32) for i in range(3)]
+    stats = train.reestimate_batch_stats(encoder, variables, batches)
+    means, variances = [], []
+    for x in batches:
+        _, inter = encoder.apply(
+            variables, x, train=False, capture_intermediates=lambda m, _: m.name == "stem_conv"
+        )
+        h = np.asarray(inter["intermediates"]["stem_conv"]["__call__"][0], np.float64)
+        h = h.reshape(-1, h.shape[-1])
+        means.append(h.mean(0))
+        variances.append(h.var(0))
+    np.testing.assert_allclose(stats["stem_bn"]["mean"], np.mean(means, 0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stats["stem_bn"]["var"], np.mean(variances, 0), rtol=1e-3, atol=1e-5)
+    assert jax.tree.structure(stats) == jax.tree.structure(variables["batch_stats"])
+
+
+def test_learned_centroids_are_trained_and_kept_by_refresh(tiny_config, tmp_path):
+    c = tiny_config.copy_and_resolve_references()
+    c.train.num_steps = 2
+    runs.train_and_evaluate(c, tmp_path / "fp32")
+    _, fp32, _ = runs.restore_run(tmp_path / "fp32")
+    q = study.qat_run_config(c, 2, tmp_path / "fp32")
+    q.quant.learn_centroids, q.quant.refresh_every, q.train.num_steps = True, 100, 3
+    q.train.learning_rate = 1e-2
+    runs.train_and_evaluate(q, tmp_path / "learn")
+    _, state, quantizer = runs.restore_run(tmp_path / "learn")
+    start = quantizer.init(fp32.params["encoder"])
+    moved = [
+        float(np.abs(a - b).max())
+        for a, b in zip(jax.tree.leaves(state.qstate), jax.tree.leaves(start))
+    ]
+    assert min(moved) > 0  # every codebook was trained (no refresh ran)

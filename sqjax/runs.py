@@ -1,0 +1,307 @@
+"""A run as a whole: train then evaluate, restore a finished run, score it on any data,
+quantize it after training, and export it as a standalone model file.
+
+Functions here read and write run directories (``sqjax.workdir``); the computations they
+call below them take arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sqjax import evaluate, export, metrics, prepare, quant, train
+from sqjax import workdir as workdir_lib
+from sqjax.pipeline import CropSampler
+
+log = logging.getLogger("sqjax")
+
+
+# ------------------------------------------------------------------------ runs on disk
+
+
+def restore_run(workdir: str | Path, step: int | None = None, overrides=()):
+    """``(config, state, quantizer)`` of a training run's checkpoint (latest by default).
+
+    ``quantizer`` is None for FP32 runs; ``overrides`` are ``--config.key=value`` items.
+    """
+    from sqjax import config as config_lib
+
+    config = workdir_lib.load_run_config(workdir)
+    config_lib.apply_overrides(config, list(overrides), source=Path(workdir) / "config.json")
+    template, quantizer = train.state_template(config)
+    replicated = NamedSharding(train.make_mesh(), P())
+    return config, workdir_lib.restore_latest(workdir, template, replicated, step), quantizer
+
+
+def _fp32_init(init_from: str) -> train.TrainState:
+    config, state, quantizer = restore_run(init_from)
+    if quantizer is not None:
+        raise ValueError(
+            f"config.quant.init_from={init_from} is a {config.quant.bits}-bit QAT run: "
+            "give an FP32 run"
+        )
+    return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains (or resumes) the run in ``workdir``, then scores its test trials.
+
+    Returns the test metrics (also written to ``workdir/metrics_test.json``).
+    """
+    paths = prepare.resolve_paths(config)
+    if not (paths.test and paths.test_trials):
+        raise ValueError("set config.data.test and config.data.test_trials (scored after training)")
+    data = prepare.training_data(config)
+    config = ml_collections.ConfigDict(config.to_dict())  # the caller's config stays as it was
+    config.head.num_classes = data.n_speakers
+    init = (lambda: _fp32_init(config.quant.init_from)) if config.quant.init_from else None
+    state = train.train(config, workdir, data, init=init)
+    quantizer = train.build_quantizer(config, config.quant.bits) if config.quant.bits else None
+    variables = evaluate.encoder_variables(state, quantizer)
+    return evaluate_run(config, workdir, variables, step=int(state.step), train_split=data)
+
+
+# -------------------------------------------------------------------------- evaluation
+
+
+def score_variables(config, variables, split: prepare.Split) -> np.ndarray:
+    """Cosine scores of ``split``'s trials under encoder ``variables``."""
+    return evaluate.score_split(
+        evaluate.jitted_embed(train.build_encoder(config)),
+        variables,
+        split,
+        batch_size=config.eval.batch_size,
+        max_frames=config.eval.max_frames,
+    )
+
+
+def evaluate_run(
+    config,
+    workdir,
+    variables,
+    *,
+    step: int,
+    split: prepare.Split | None = None,
+    train_split: prepare.Split | None = None,
+    tag: str = "test",
+) -> dict:
+    """Scores ``split`` (default: the config's test trials) with encoder ``variables``;
+    writes ``scores_<tag>.npz`` and ``metrics_<tag>.json`` to ``workdir``; returns the
+    metrics.
+
+    When ``config.eval.baseline`` is set, the raw-feature baseline's metrics on the same
+    trials are added under ``baseline/`` (standardised with ``train_split``'s statistics).
+    """
+    workdir = Path(workdir)
+    split = split or prepare.test_data(config)
+    scores = score_variables(config, variables, split)
+    labels = split.trials.labels
+    result = metrics.verification_metrics(scores, labels)
+    if config.eval.baseline:
+        train_split = train_split or prepare.training_data(config)
+        base = evaluate.raw_feature_baseline(train_split.raw_feats, split.raw_feats)
+        enroll, test = evaluate.trial_indices(
+            split.corpus.utts, split.trials.enroll, split.trials.test
+        )
+        base_result = metrics.verification_metrics(
+            evaluate.cosine_scores(base, enroll, test), labels
+        )
+        result.update({f"baseline/{k}": v for k, v in base_result.items()})
+    result = {k: float(v) for k, v in result.items()}
+    result["step"] = step
+    if jax.process_index() == 0:
+        workdir_lib.atomic_write(
+            workdir / f"scores_{tag}.npz",
+            lambda f: np.savez(f, scores=scores, labels=labels),
+        )
+        workdir_lib.write_json(workdir / f"metrics_{tag}.json", result)
+    return result
+
+
+def evaluate_workdir(
+    workdir: str | Path,
+    *,
+    data: str = "",
+    trials: str = "",
+    step: int | None = None,
+    overrides=(),
+) -> dict:
+    """Scores a trial list with the checkpoint of a training run (QAT runs quantized).
+
+    Without ``data``/``trials`` it uses the run's own test set. Results go to
+    ``workdir/metrics_<tag>.json`` with tag ``test`` or the trial file's stem.
+    """
+    config, state, quantizer = restore_run(workdir, step, overrides)
+    tag = "test"
+    if data or trials:
+        if not (data and trials):
+            raise ValueError("give both --data and --trials (or neither, for the run's test set)")
+        config.data.test, config.data.test_trials, tag = data, trials, Path(trials).stem
+        config.eval.baseline = False
+    variables = evaluate.encoder_variables(state, quantizer)
+    return evaluate_run(config, workdir, variables, step=int(state.step), tag=tag)
+
+
+# ---------------------------------------------------- post-training quantization, export
+
+
+def reestimated_variables(config, variables: dict, data: prepare.Split, n_utts: int) -> dict:
+    """``variables`` with BatchNorm statistics re-estimated on ``n_utts`` random training
+    crops (``config.train.n_frames`` long), in batches of ``config.eval.batch_size``."""
+    sampler = CropSampler(data.feats, data.labels, config.train.n_frames, config.seed)
+    bs = config.eval.batch_size
+    batches = (
+        jnp.asarray(sampler.batch(1_000_000 + i, bs)["feats"])  # steps training never draws
+        for i in range(max(1, math.ceil(n_utts / bs)))
+    )
+    stats = train.reestimate_batch_stats(train.build_encoder(config), variables, batches)
+    return {"params": variables["params"], "batch_stats": stats}
+
+
+def ptq_workdir(workdir: str | Path, bits_list=(8, 4, 3, 2, 1), bn_utts: int = 256) -> dict:
+    """Post-training quantization of a trained FP32 run at each width (no fine-tuning).
+
+    Scores the run's test trials at each width as ``<b>bit``; with ``bn_utts > 0`` also
+    with BatchNorm statistics re-estimated under the quantized weights on that many
+    training crops, as ``<b>bit+bn``. Writes ``metrics_ptq<b>[_bn].json`` and ``ptq.json``
+    to ``workdir`` and returns the rows, ``fp32`` first.
+    """
+    workdir = Path(workdir)
+    config, state, quantizer = restore_run(workdir)
+    if quantizer is not None:
+        raise ValueError(f"{workdir} is a QAT run ({config.quant.bits} bits): give an FP32 run")
+    config.eval.baseline = False
+    split = prepare.test_data(config)
+    data = prepare.training_data(config) if bn_utts > 0 else None
+    step = int(state.step)
+    fp32 = evaluate.encoder_variables(state)
+    rows = {"fp32": evaluate_run(config, workdir, fp32, step=step, split=split, tag="fp32")}
+    for bits in bits_list:
+        q = train.build_quantizer(config, bits)
+        variables = evaluate.encoder_variables(
+            state.replace(qstate=q.init(state.params["encoder"])), q
+        )
+        rows[f"{bits}bit"] = evaluate_run(
+            config, workdir, variables, step=step, split=split, tag=f"ptq{bits}"
+        )
+        if data is not None:
+            variables = reestimated_variables(config, variables, data, bn_utts)
+            rows[f"{bits}bit+bn"] = evaluate_run(
+                config, workdir, variables, step=step, split=split, tag=f"ptq{bits}_bn"
+            )
+    workdir_lib.write_json(workdir / "ptq.json", rows)
+    return rows
+
+
+def _model_metadata(config, bits: int, source: Path) -> dict:
+    return {
+        "kind": "sqjax-encoder",
+        "bits": bits,
+        "model": config.model.to_dict(),
+        "features": {
+            "sample_rate": config.data.sample_rate,
+            "n_mels": config.model.n_mels,
+            "win_ms": 25.0,
+            "hop_ms": 10.0,
+            "mean_norm": True,
+        },
+        "eval": {"batch_size": config.eval.batch_size, "max_frames": config.eval.max_frames},
+        "source": str(source),
+        "step": None,
+    }
+
+
+def export_workdir(workdir: str | Path, out: str | Path | None = None, bits: int | None = None):
+    """Writes a run's encoder as one standalone packed file: b-bit indices + codebooks,
+    BatchNorm statistics, and the model and feature settings (``sqjax.export`` format).
+
+    A QAT run exports its own codebooks; an FP32 run needs ``bits`` (post-training
+    quantization). Returns ``(path, SizeReport)``; the default path is
+    ``workdir/encoder_<b>bit.npz``. ``load_model_file`` reads it back.
+    """
+    workdir = Path(workdir)
+    config, state, quantizer = restore_run(workdir)
+    if quantizer is not None:
+        if bits and bits != config.quant.bits:
+            raise ValueError(
+                f"{workdir} is a {config.quant.bits}-bit QAT run: export it without --bits "
+                "(its own codebooks), or quantize its FP32 parent run instead"
+            )
+        bits, qstate = config.quant.bits, state.qstate
+    else:
+        if not bits:
+            raise ValueError(
+                f"{workdir} is an FP32 run: give --bits for post-training quantization"
+            )
+        qstate = train.build_quantizer(config, bits).init(state.params["encoder"])
+    variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
+    codebooks = {
+        "params": qstate.codebooks,
+        "batch_stats": jax.tree.map(lambda _: None, state.batch_stats),
+    }
+    meta = _model_metadata(config, bits, workdir.absolute())
+    meta["step"] = int(state.step)
+    path = Path(out) if out else workdir / f"encoder_{bits}bit.npz"
+    return path, export.export_packed(path, variables, quant.QuantizerState(codebooks), meta)
+
+
+def load_model_file(path: str | Path):
+    """``(config, variables)`` of a file written by ``export_workdir``: a config holding
+    the model, feature and eval settings, and the encoder's inference variables."""
+    meta = export.read_metadata(path)
+    if meta.get("kind") != "sqjax-encoder":
+        raise ValueError(
+            f"{path}: a packed file without model settings; write it with `sqjax export`"
+        )
+    from sqjax.config import default_config
+
+    config = default_config()
+    config.model.update(meta["model"])
+    config.data.sample_rate = meta["features"]["sample_rate"]
+    config.eval.update(meta["eval"])
+    return config, export.load_packed(path)
+
+
+def embed_model_file(
+    path: str | Path, data: str, *, trials: str = "", cache_dir: str = "", workers: int = 2
+):
+    """Embeddings of every utterance of ``data`` (or of those ``trials`` use) with a model
+    file: ``(split, embeddings (n_utts, dim))``."""
+    config, variables = load_model_file(path)
+    split = prepare.load_split(
+        data,
+        trials or None,
+        sample_rate=config.data.sample_rate,
+        n_mels=config.model.n_mels,
+        cache_dir=cache_dir or None,
+        min_seconds=0.0,
+        workers=workers,
+        progress=True,
+    )
+    emb = evaluate.extract_embeddings(
+        evaluate.jitted_embed(train.build_encoder(config)),
+        variables,
+        split.feats,
+        batch_size=config.eval.batch_size,
+        max_frames=config.eval.max_frames,
+    )
+    return split, emb
+
+
+def evaluate_model_file(path: str | Path, data: str, trials: str, **kw) -> dict:
+    """Metrics of a model file on a trial list (no training run needed)."""
+    split, emb = embed_model_file(path, data, trials=trials, **kw)
+    enroll, test = evaluate.trial_indices(split.corpus.utts, split.trials.enroll, split.trials.test)
+    scores = evaluate.cosine_scores(emb, enroll, test)
+    return {
+        k: float(v) for k, v in metrics.verification_metrics(scores, split.trials.labels).items()
+    }

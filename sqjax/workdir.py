@@ -1,0 +1,134 @@
+"""A run directory on disk: ``config.json``, orbax checkpoints, the resume policy, and
+the package's one atomic-write helper.
+
+Restoring takes its template and sharding from the caller, so this module imports
+nothing of sqjax above it. JAX and orbax are imported where used: the corpus generator's
+worker processes write files through ``atomic_write`` and should not load them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import ml_collections
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes]], Any]) -> None:
+    """Writes ``data`` (bytes, text, or a function of a binary file) to ``path`` through a
+    temporary file in the same directory and ``os.replace``: readers never see half a file,
+    and an interrupted write leaves the old file (or none)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sqjax-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The config a run in ``workdir`` was started with."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a sqjax run directory?")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def checkpoint_manager(workdir: str | os.PathLike, keep: int):
+    """Orbax checkpoints in ``workdir/checkpoints``, the last ``keep`` kept, saved synchronously."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options)
+
+
+def restore(mngr, step: int, target: Any, sharding) -> Any:
+    """Checkpoint ``step`` of an orbax ``CheckpointManager``, shaped like the pytree
+    ``target`` and placed with ``sharding``."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target
+    )
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_latest(
+    workdir: str | os.PathLike, target: Any, sharding, step: int | None = None
+) -> Any:
+    """The checkpoint at ``step`` (latest by default) of ``workdir``, shaped like ``target``."""
+    with checkpoint_manager(workdir, keep=1_000_000) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {Path(workdir) / 'checkpoints'}: train the run first"
+            )
+        return restore(mngr, step, target, sharding)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drops JSONL rows past ``step``: a resumed run redoes those steps and logs them again."""
+    if path.exists():
+        rows = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= step]
+        atomic_write(path, "".join(r + "\n" for r in rows))
+
+
+# Settings that do not change the trained parameters: a run may resume with others.
+RESUME_FREE = frozenset(
+    {
+        "progress",
+        "num_devices",
+        "distributed",
+        "data.workers",
+        "data.feature_cache",
+        "data.synth_args.workers",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+    }
+)
+
+
+def _flat(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def check_resumable(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+    """A run resumes exactly only under the config it started with: refuse any other
+    (settings in ``RESUME_FREE`` and ``eval.*`` excepted)."""
+    free = lambda k: k in RESUME_FREE or k.startswith("eval.")
+    old = {k: v for k, v in _flat(load_run_config(workdir).to_dict()) if not free(k)}
+    new = {k: v for k, v in _flat(json.loads(config.to_json())) if not free(k)}
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        raise ValueError(
+            f"{workdir} holds checkpoints of a run with another config (changed: "
+            f"{', '.join(changed)}); use a new --workdir, or the run's own settings to resume"
+        )
