@@ -1,0 +1,185 @@
+"""Figures of the score-level analysis, written as PNG files.
+
+Each function draws results that ``scores.score_analysis`` and ``calibration.reliability``
+already computed, or the (P, T) score arrays they were computed from (a histogram of
+s_b - s_32 and the DET points of ``metrics.det_curve`` are cheap), and returns the path
+it wrote. Figures are ``matplotlib.figure.Figure`` objects saved directly, never pyplot
+state, so this works under any backend and in threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from scipy.stats import norm
+
+from sqjax import metrics
+
+DPI = 100
+
+
+def _save(fig: Figure, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": the size stays figsize * DPI
+    return path
+
+
+def _bit_label(b: int) -> str:
+    return "FP32" if b == 32 else f"{b}"
+
+
+def plot_degradation(analysis: Mapping, path) -> Path:
+    """EER and minDCF@0.01 against bit width with the knee marked (``score_analysis``)."""
+    fig = Figure(figsize=(10, 4), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, key, scale, ylabel in [
+        (axes[0], "eer", 100.0, "EER (%)"),
+        (axes[1], "min_dcf@0.01", 1.0, "minDCF (p_target = 0.01)"),
+    ]:
+        k = analysis["knee"][key]
+        x = np.arange(len(k["bits"]))  # the ordinal axis the knee is found on
+        ax.plot(x, np.asarray(k["values"]) * scale, "o-")
+        ax.set_xticks(x, [_bit_label(b) for b in k["bits"]])
+        if k["knee"] is not None:
+            ax.axvline(k["bits"].index(k["knee"]), color="C3", ls="--", label="knee")
+            ax.legend()
+        ax.set_xlabel("weight bits")
+        ax.set_ylabel(ylabel)
+        ax.set_title(k["statement"], fontsize=8, wrap=True)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_drift_histograms(
+    scores, labels, precisions: Sequence[str], path, fp32_index: int = 0, bins: int = 50
+) -> Path:
+    """Histograms of the drift s_b - s_32, targets and non-targets, one panel per width.
+
+    Args:
+      scores: (P, T) raw scores, the rows of ``precisions``; labels: (T,).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    others = [p for p in range(len(precisions)) if p != fp32_index]
+    fig = Figure(figsize=(3.2 * max(len(others), 1), 3.2), dpi=DPI, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, max(len(others), 1), sharey=False))
+    for ax, p in zip(axes, others):
+        d = s[p] - s[fp32_index]
+        edges = np.histogram_bin_edges(d, bins=bins)
+        ax.hist(d[y], edges, alpha=0.6, density=True, label="target")
+        ax.hist(d[~y], edges, alpha=0.6, density=True, label="non-target")
+        ax.axvline(0.0, color="k", lw=0.8)
+        ax.set_title(f"{precisions[p]}: s_b - s_32")
+        ax.set_xlabel("score drift")
+    axes[0].set_ylabel("density")
+    axes[0].legend()
+    return _save(fig, path)
+
+
+def plot_flip_concentration(analysis: Mapping, path) -> Path:
+    """Flip and harmful-flip rates against the distance |s_32 - theta|, both binnings.
+
+    Top row: equal-count bins (x = percentile of trials by distance); bottom row: bins in
+    units of the FP32 score std. One line per non-FP32 precision.
+    """
+    fig = Figure(figsize=(10, 7), dpi=DPI, layout="constrained")
+    axes = fig.subplots(2, 2)
+    fp32 = analysis["fp32"]
+    for name, res in analysis["per_precision"].items():
+        conc = res["concentration"]
+        if name == fp32 or conc is None:
+            continue
+        q, sd = conc["quantile"], conc["std"]
+        xq = (np.arange(len(q["n"])) + 0.5) * 100.0 / len(q["n"])
+        xs = np.arange(len(sd["n"]))
+        for col, key in enumerate(["flip_rate", "harmful_rate"]):
+            # None (an empty bin) becomes NaN: a gap in the line.
+            axes[0, col].plot(xq, np.asarray(q[key], dtype=float) * 100.0, "o-", label=name)
+            axes[1, col].plot(xs, np.asarray(sd[key], dtype=float) * 100.0, "o-", label=name)
+    std_edges = _std_edges(analysis)
+    for col, what in enumerate(["flip rate (%)", "harmful-flip rate (%)"]):
+        axes[0, col].set_xlabel("trials ranked by |s_32 - theta| (percentile, nearest first)")
+        axes[1, col].set_xlabel("|s_32 - theta| in FP32 score std")
+        if std_edges is not None:
+            axes[1, col].set_xticks(np.arange(len(std_edges) - 1), _interval_labels(std_edges))
+        for row in range(2):
+            axes[row, col].set_ylabel(what)
+            axes[row, col].grid(alpha=0.3)
+    axes[0, 0].legend()
+    return _save(fig, path)
+
+
+def _std_edges(analysis: Mapping) -> list | None:
+    """The std-unit bin edges of the first precision with a concentration, or None."""
+    for res in analysis["per_precision"].values():
+        if res["concentration"] is not None:
+            return res["concentration"]["std"]["edges"]
+    return None
+
+
+def _interval_labels(edges: Sequence) -> list[str]:
+    return [f"[{lo:g}, {hi:g})" if hi is not None else f">= {lo:g}" for lo, hi in pairwise(edges)]
+
+
+_DET_TICKS = np.array([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4])
+
+
+def plot_det(scores, labels, precisions: Sequence[str], path) -> Path:
+    """DET curves of all precisions on one chart, probit axes (``metrics.det_curve``).
+
+    Args:
+      scores: (P, T) raw scores, the rows of ``precisions``; labels: (T,).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    fig = Figure(figsize=(6, 6), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    # Rates of exactly 0 or 1 sit at -inf/+inf on a probit axis; clip them just outside
+    # the plotted range so the curves run off the edges instead of vanishing.
+    lo, hi = 5e-4, 0.6
+    for p, name in enumerate(precisions):
+        p_fa, p_miss, _ = metrics.det_curve(s[p], labels)
+        eer = metrics.eer(s[p], labels)[0]
+        ax.plot(
+            norm.ppf(np.clip(p_fa, lo / 2, 1 - lo / 2)),
+            norm.ppf(np.clip(p_miss, lo / 2, 1 - lo / 2)),
+            label=f"{name} (EER {100 * eer:.2f}%)",
+        )
+    ticks = norm.ppf(_DET_TICKS)
+    labels_pct = [f"{100 * t:g}" for t in _DET_TICKS]
+    ax.set_xticks(ticks, labels_pct)
+    ax.set_yticks(ticks, labels_pct)
+    ax.set_xlim(norm.ppf(lo), norm.ppf(hi))
+    ax.set_ylim(norm.ppf(lo), norm.ppf(hi))
+    ax.plot([norm.ppf(lo), norm.ppf(hi)], [norm.ppf(lo), norm.ppf(hi)], "k:", lw=0.8)
+    ax.set_xlabel("false-alarm rate (%)")
+    ax.set_ylabel("miss rate (%)")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_reliability(reliabilities: Mapping[str, Mapping], path) -> Path:
+    """Reliability plot: predicted posterior against observed target fraction.
+
+    Args:
+      reliabilities: {precision name: ``calibration.reliability(llrs, labels)``}.
+    """
+    fig = Figure(figsize=(5, 5), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="calibrated")
+    for name, r in reliabilities.items():
+        ax.plot(r["predicted"], r["observed"], "o-", label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("predicted target posterior (from the LLR at the trial-list prior)")
+    ax.set_ylabel("observed target fraction")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
