@@ -9,9 +9,15 @@ The quantizer works on any params pytree::
     qstate = quantizer.update(params, qstate)  # refresh codebooks during training
 """
 
+from sqjax.analysis import calibrate, knee, min_cllr, score_analysis
 from sqjax.data import Corpus, DataError, Trials, load_audio, read_corpus, read_trials
-from sqjax.evaluate import cosine_scores, extract_embeddings
-from sqjax.export import export_packed, load_packed, size_report
+from sqjax.evaluate import (
+    cosine_scores,
+    extract_embeddings,
+    extract_embeddings_all,
+    precision_embed,
+)
+from sqjax.export import export_packed, load_packed, read_metadata, size_report
 from sqjax.features import extract_features, logmel
 from sqjax.kmeans import assign, kmeans_1d, kmeans_1d_batch, kmeans_1d_grouped
 from sqjax.metrics import (
@@ -29,10 +35,12 @@ from sqjax.quant import (
     KMeansQuantizer,
     QuantizerState,
     Rule,
+    codebook_indices,
     default_rules,
     distortion_report,
     format_plan,
     kmeans_quantizer,
+    path_parts,
     plan,
     ptq_stack,
     quantize_params,
@@ -56,7 +64,9 @@ __all__ = [
     "apply_calibration",
     "assign",
     "build_encoder",
+    "calibrate",
     "cllr",
+    "codebook_indices",
     "cosine_scores",
     "count_params",
     "default_rules",
@@ -66,6 +76,7 @@ __all__ = [
     "encoder_macs",
     "export_packed",
     "extract_embeddings",
+    "extract_embeddings_all",
     "extract_features",
     "fit_calibration",
     "format_plan",
@@ -74,15 +85,21 @@ __all__ = [
     "kmeans_1d_batch",
     "kmeans_1d_grouped",
     "kmeans_quantizer",
+    "knee",
     "load_audio",
     "load_packed",
     "logmel",
+    "min_cllr",
     "min_dcf",
+    "path_parts",
     "plan",
+    "precision_embed",
     "ptq_stack",
     "quantize_params",
     "read_corpus",
+    "read_metadata",
     "read_trials",
+    "score_analysis",
     "size_report",
     "stack_precisions",
     "verification_metrics",
