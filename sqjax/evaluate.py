@@ -120,50 +120,128 @@ def score_split(
     return cosine_scores(emb, enroll, test)
 
 
-def evaluate_run(
-    config, workdir, *, state, quantizer=None, split=None, train_split=None, tag: str = "test"
-) -> dict:
-    """Scores the test trials with a run's model; writes ``scores_<tag>.npz`` and
-    ``metrics_<tag>.json`` to ``workdir``, logs and returns the metrics.
-
-    When ``config.eval.baseline`` is set, the raw-feature baseline's metrics on the same
-    trials are added under ``baseline/`` (standardised with ``train_split``'s statistics).
-    """
-    from pathlib import Path
-
-    from sqjax import metrics, prepare
-    from sqjax.train import build_encoder, write_json
-
-    workdir = Path(workdir)
-    split = split or prepare.test_data(config)
-    embed = jitted_embed(build_encoder(config))
-    variables = encoder_variables(state, quantizer)
-    scores = score_split(
-        embed,
-        variables,
-        split,
-        batch_size=config.eval.batch_size,
-        max_frames=config.eval.max_frames,
-    )
-    labels = split.trials.labels
-    result = metrics.verification_metrics(scores, labels)
-    if config.eval.baseline:
-        train = train_split or prepare.training_data(config)
-        base = raw_feature_baseline(train.raw_feats, split.raw_feats)
-        enroll, test = trial_indices(split.corpus.utts, split.trials.enroll, split.trials.test)
-        base_result = metrics.verification_metrics(cosine_scores(base, enroll, test), labels)
-        result.update({f"baseline/{k}": v for k, v in base_result.items()})
-    result = {k: float(v) for k, v in result.items()}
-    result["step"] = int(state.step)
-    if jax.process_index() == 0:
-        tmp = workdir / f".scores_{tag}.tmp.npz"
-        np.savez(tmp, scores=scores, labels=labels)
-        tmp.replace(workdir / f"scores_{tag}.npz")
-        write_json(workdir / f"metrics_{tag}.json", result)
-    return result
-
-
 @functools.lru_cache(maxsize=8)
 def jitted_embed(encoder) -> EmbedFn:
     """``jit(encoder.apply)`` in inference mode, one per encoder (so compiles are reused)."""
     return jax.jit(lambda variables, x: encoder.apply(variables, x, train=False))
+
+
+# ------------------------------------------------------------- all precisions in one pass
+
+PRECISION_STRATEGIES = ("vmap", "unroll", "map", "loop")
+
+
+def default_precision_strategy(backend: str | None = None) -> str:
+    """The strategy ``precision_embed(strategy="auto")`` uses on ``backend`` (default: JAX's).
+
+    CPU: "map". Measured on a 2-core CPU (bench/bench_precisions.py), a program that loops
+    over the precision axis was as fast as or faster than the rest (1.1-1.2x the loop of
+    ``jitted_embed`` calls on the demo model): one execution allocates the model's
+    activation buffers once instead of P times, while its memory and compile time stay those
+    of one model. "unroll" was no faster and holds P models' activations at once (XLA:CPU
+    schedules the P copies side by side); "vmap" was 4-5x slower: a convolution whose
+    input and kernel both carry the precision axis lowers to a grouped convolution, which
+    XLA:CPU runs far slower than P plain ones. GPU/TPU: "vmap", where grouped and batched
+    convolutions are native kernels; that choice is ours and unmeasured here.
+    """
+    backend = backend or jax.default_backend()
+    return "map" if backend == "cpu" else "vmap"
+
+
+def n_precisions(stacked_variables) -> int:
+    """Length of the leading precision axis of a ``quant.stack_precisions`` pytree."""
+    sizes = {leaf.shape[0] for leaf in jax.tree.leaves(stacked_variables)}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"stacked variables: leaves have leading axes {sorted(sizes)}; stack every model "
+            "(params and batch_stats) with quant.stack_precisions"
+        )
+    return sizes.pop()
+
+
+def _precision(stacked_variables, p: int):
+    return jax.tree.map(lambda leaf: leaf[p], stacked_variables)
+
+
+# One dispatch for all P slices: the loop strategy's only overhead besides its P calls.
+_unstack = jax.jit(lambda v: [_precision(v, p) for p in range(n_precisions(v))])
+
+
+def precision_embed(encoder, strategy: str = "auto") -> Callable[[object, jax.Array], jax.Array]:
+    """Embeds one batch under every precision of a stacked model: ``fn(stacked, x)``.
+
+    ``stacked`` is ``quant.stack_precisions([variables_0, ...])`` over whole inference
+    variables (``{"params", "batch_stats"}``), so each precision keeps its own BatchNorm
+    statistics; ``x`` is ``(batch, frames, n_mels)``; the result is ``(P, batch, dim)``,
+    row ``p`` equal (to float rounding) to ``jitted_embed(encoder)(variables_p, x)``.
+
+    Strategies (one jitted program each, except "loop"):
+      "vmap":   ``jax.vmap`` of the model over the precision axis.
+      "unroll": P copies of the model in one program, each on its slice of ``stacked``.
+      "map":    ``jax.lax.map`` over the precision axis (a loop inside the program).
+      "loop":   P calls of ``jitted_embed(encoder)``, the per-precision reference.
+      "auto":   ``default_precision_strategy()`` for the current backend.
+    Functions are cached per (encoder, strategy), so compiles are reused.
+    """
+    if strategy == "auto":
+        strategy = default_precision_strategy()
+    if strategy not in PRECISION_STRATEGIES:
+        raise ValueError(
+            f"precision_embed: strategy={strategy!r}; choose one of "
+            f"{['auto', *PRECISION_STRATEGIES]}"
+        )
+    return _precision_embed(encoder, strategy)
+
+
+@functools.lru_cache(maxsize=16)
+def _precision_embed(encoder, strategy: str) -> Callable[[object, jax.Array], jax.Array]:
+    def apply(variables, x):
+        return encoder.apply(variables, x, train=False)
+
+    if strategy == "vmap":
+        return jax.jit(jax.vmap(apply, in_axes=(0, None)))
+    if strategy == "unroll":
+        return jax.jit(
+            lambda v, x: jnp.stack([apply(_precision(v, p), x) for p in range(n_precisions(v))])
+        )
+    if strategy == "map":
+        return jax.jit(lambda v, x: jax.lax.map(lambda vp: apply(vp, x), v))
+    single = jitted_embed(encoder)
+
+    def loop(v, x):
+        return jnp.stack([single(vp, x) for vp in _unstack(v)])
+
+    return loop
+
+
+def extract_embeddings_all(
+    embed_all: Callable[[object, jax.Array], jax.Array],
+    stacked_variables,
+    feats: Sequence[np.ndarray],
+    *,
+    batch_size: int = 32,
+    min_frames: int = 100,
+    max_frames: int = 3000,
+) -> np.ndarray:
+    """``extract_embeddings`` under every precision at once; returns ``(P, n, dim)``.
+
+    ``embed_all`` is a ``precision_embed`` function. The P embeddings of a segment are
+    concatenated into one ``(P * dim)`` row for ``extract_embeddings`` (its length-rung
+    batching and length-weighted averaging act on each column alone), then split again;
+    so slice ``p`` equals ``extract_embeddings(jitted_embed(encoder), variables_p, ...)``.
+    """
+    n_p = n_precisions(stacked_variables)
+
+    def embed_flat(variables, x):
+        emb = np.asarray(embed_all(variables, x))  # (P, batch, dim)
+        return emb.transpose(1, 0, 2).reshape(emb.shape[1], -1)
+
+    flat = extract_embeddings(
+        embed_flat,
+        stacked_variables,
+        feats,
+        batch_size=batch_size,
+        min_frames=min_frames,
+        max_frames=max_frames,
+    )
+    return flat.reshape(len(feats), n_p, -1).transpose(1, 0, 2)
