@@ -134,15 +134,17 @@ PRECISION_STRATEGIES = ("vmap", "unroll", "map", "loop")
 def default_precision_strategy(backend: str | None = None) -> str:
     """The strategy ``precision_embed(strategy="auto")`` uses on ``backend`` (default: JAX's).
 
-    CPU: "map". Measured on a 2-core CPU (bench/bench_precisions.py), a program that loops
-    over the precision axis was as fast as or faster than the rest (1.1-1.2x the loop of
-    ``jitted_embed`` calls on the demo model): one execution allocates the model's
-    activation buffers once instead of P times, while its memory and compile time stay those
-    of one model. "unroll" was no faster and holds P models' activations at once (XLA:CPU
-    schedules the P copies side by side); "vmap" was 4-5x slower: a convolution whose
-    input and kernel both carry the precision axis lowers to a grouped convolution, which
-    XLA:CPU runs far slower than P plain ones. GPU/TPU: "vmap", where grouped and batched
-    convolutions are native kernels; that choice is ours and unmeasured here.
+    CPU: "map". Measured on a 2-core CPU (bench/bench_precisions.py), the loop inside one
+    program was as fast as any strategy or faster: 1.1-1.2x the Python loop of
+    ``jitted_embed`` calls on the demo model, 1.0-1.06x on ResNet34. Its one execution
+    gets fresh (page-faulted) activation buffers once instead of P times, while its memory
+    and compile time stay those of one model. "unroll" was no faster (0.9-1.1x) and holds
+    about P models' activations at once (XLA:CPU schedules the P copies side by side);
+    "vmap" was 3-6x slower: a convolution whose input and kernel both carry the precision
+    axis lowers to a grouped convolution (``feature_group_count = P``), which XLA:CPU runs
+    far slower than P plain ones.
+    GPU/TPU: "vmap", where grouped and batched convolutions are native kernels; that choice
+    is ours and unmeasured.
     """
     backend = backend or jax.default_backend()
     return "map" if backend == "cpu" else "vmap"
@@ -182,6 +184,11 @@ def precision_embed(encoder, strategy: str = "auto") -> Callable[[object, jax.Ar
       "loop":   P calls of ``jitted_embed(encoder)``, the per-precision reference.
       "auto":   ``default_precision_strategy()`` for the current backend.
     Functions are cached per (encoder, strategy), so compiles are reused.
+
+    Memory, besides the P stacked models: "map" and "loop" need one model's activations
+    (and "map" one precision's params); "unroll" about P times that, "vmap" more (XLA temp
+    buffers for the demo model, 64 x 300 frames, 5 precisions: 189, 188, 757 and 1176 MiB).
+    Activations grow with batch x frames: lower ``batch_size`` if they do not fit.
     """
     if strategy == "auto":
         strategy = default_precision_strategy()
