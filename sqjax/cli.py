@@ -84,9 +84,12 @@ def cmd_qat(args, overrides) -> None:
 
 
 def _print_table(rows: dict) -> None:
-    print(f"\n{'precision':>10} {'EER':>8} {'minDCF@0.01':>12} {'minDCF@0.05':>12}")
+    from sqjax.tables import format_table
+
+    cells = [("precision", "EER", "minDCF@0.01", "minDCF@0.05")]
     for name, r in rows.items():
-        print(f"{name:>10} {r['eer']:8.4f} {r['min_dcf@0.01']:12.4f} {r['min_dcf@0.05']:12.4f}")
+        cells.append((name, *(f"{r[k]:.4f}" for k in ("eer", "min_dcf@0.01", "min_dcf@0.05"))))
+    print("\n" + format_table(cells))
 
 
 def cmd_ptq(args, overrides) -> None:

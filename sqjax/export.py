@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sqjax import quant
+from sqjax.tables import format_table
 from sqjax.workdir import atomic_write
 
 __all__ = [
@@ -112,16 +113,7 @@ class SizeReport:
         if self.file_bytes is not None:
             over = self.file_bytes - self.packed_bytes
             rows.append(("file on disk", "", "", "", "", f"{self.file_bytes:,}", f"+{over:,.0f} B"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
-            )
-            for r in rows
-        ]
-        lines.insert(1, "-" * len(lines[0]))
-        lines.insert(2 + len(self.leaves), "-" * len(lines[0]))  # above the totals
-        return "\n".join(lines)
+        return format_table(rows, rules=(1, 1 + len(self.leaves)))  # and above the totals
 
 
 def _index_bits(k: int) -> int:

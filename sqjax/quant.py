@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sqjax import kmeans
+from sqjax.tables import format_table
 
 __all__ = [
     "Distortion",
@@ -268,14 +269,7 @@ def format_plan(leaf_plans: Sequence[LeafPlan]) -> str:
             f"{packed / 8192:.1f} ({fp32 / max(packed, 1):.1f}x)",
         )
     )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    fmt = lambda r: "  ".join(
-        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
-    )
-    lines = [fmt(r) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.insert(len(lines) - 1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return format_table(rows, rules=(1, len(rows) - 1))
 
 
 # ---------------------------------------------------------------------- straight-through

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from sqjax import evaluate, prepare, quant, runs, train
+from sqjax.tables import format_table
 from sqjax.workdir import atomic_write, load_run_config, write_json
 
 log = logging.getLogger("sqjax")
@@ -197,23 +198,27 @@ def analyze(
 
 def format_analysis(result: dict) -> str:
     """One table: per precision its metrics, mean |drift| and flips at the FP32 theta."""
-    head = (
-        f"{'precision':>9} {'EER':>7} {'minDCF.01':>9} {'minDCF.05':>9} {'actDCF.01':>9} "
-        f"{'Cllr':>6} {'|drift|':>7} {'harmful':>7} {'benefit':>7}"
-    )
-    lines = [head]
-    fmt = lambda v, w, d: f"{'-':>{w}}" if v is None else f"{v:{w}.{d}f}"
+    f = lambda v, spec: "-" if v is None else format(v, spec)
+    rows = [("precision", "EER", "minDCF.01", "minDCF.05", "actDCF.01", "Cllr", "|drift|")]
+    rows[0] += ("harmful", "benefit")
     for name in result["precisions"]:
         r = result["per_precision"][name]
         m = r["metrics"]
-        lines.append(
-            f"{name:>9} {m['eer']:7.4f} {m['min_dcf@0.01']:9.4f} {m['min_dcf@0.05']:9.4f} "
-            f"{fmt(m.get('act_dcf@0.01'), 9, 4)} {fmt(m.get('cllr'), 6, 3)} "
-            f"{r['drift']['all']['mean_abs']:7.4f} {r['flips']['harmful']:7d} "
-            f"{r['flips']['beneficial']:7d}"
+        rows.append(
+            (
+                name,
+                f(m["eer"], ".4f"),
+                f(m["min_dcf@0.01"], ".4f"),
+                f(m["min_dcf@0.05"], ".4f"),
+                f(m.get("act_dcf@0.01"), ".4f"),
+                f(m.get("cllr"), ".3f"),
+                f(r["drift"]["all"]["mean_abs"], ".4f"),
+                str(r["flips"]["harmful"]),
+                str(r["flips"]["beneficial"]),
+            )
         )
     theta = result["theta"]
-    lines.append(f"theta = FP32 {theta['kind']} threshold {fmt(theta['value'], 0, 4)}")
-    for key, k in result["knee"].items():
-        lines.append(f"knee of {key}: {k['statement']}")
+    lines = [format_table(rows)]
+    lines.append(f"theta = FP32 {theta['kind']} threshold {f(theta['value'], '.4f')}")
+    lines += [f"knee of {key}: {k['statement']}" for key, k in result["knee"].items()]
     return "\n".join(lines)
