@@ -167,6 +167,12 @@ def reestimated_variables(config, variables: dict, data: prepare.Split, n_utts: 
     return {"params": variables["params"], "batch_stats": stats}
 
 
+def ptq_variables(config, state: train.TrainState, bits: int) -> dict:
+    """Inference variables of an FP32 ``state`` quantized after training at ``bits``."""
+    q = train.build_quantizer(config, bits)
+    return evaluate.encoder_variables(state.replace(qstate=q.init(state.params["encoder"])), q)
+
+
 def ptq_workdir(workdir: str | Path, bits_list=(8, 4, 3, 2, 1), bn_utts: int = 256) -> dict:
     """Post-training quantization of a trained FP32 run at each width (no fine-tuning).
 
@@ -186,10 +192,7 @@ def ptq_workdir(workdir: str | Path, bits_list=(8, 4, 3, 2, 1), bn_utts: int = 2
     fp32 = evaluate.encoder_variables(state)
     rows = {"fp32": evaluate_run(config, workdir, fp32, step=step, split=split, tag="fp32")}
     for bits in bits_list:
-        q = train.build_quantizer(config, bits)
-        variables = evaluate.encoder_variables(
-            state.replace(qstate=q.init(state.params["encoder"])), q
-        )
+        variables = ptq_variables(config, state, bits)
         rows[f"{bits}bit"] = evaluate_run(
             config, workdir, variables, step=step, split=split, tag=f"ptq{bits}"
         )

@@ -101,10 +101,7 @@ def ptq_precisions(workdir: str | Path, bits_list) -> tuple[ml_collections.Confi
         raise ValueError(f"{workdir} is a QAT run ({config.quant.bits} bits): give an FP32 run")
     out = {"fp32": evaluate.encoder_variables(state)}
     for bits in sorted(bits_list, reverse=True):
-        q = train.build_quantizer(config, bits)
-        out[f"{bits}bit"] = evaluate.encoder_variables(
-            state.replace(qstate=q.init(state.params["encoder"])), q
-        )
+        out[f"{bits}bit"] = runs.ptq_variables(config, state, bits)
     return config, out
 
 
