@@ -1,4 +1,4 @@
-"""The ``sqjax`` command: synth, train, qat, ptq, export, eval.
+"""The ``sqjax`` command: synth, train, qat, ptq, export, eval, analyze, layers, embed.
 
 sqjax train --config configs/demo.py --workdir runs/demo [--config.train.num_steps=100]
 sqjax qat   --config configs/qat_demo.py --workdir runs/demo_qat
@@ -7,6 +7,7 @@ sqjax export --workdir runs/demo_qat/2bit
 sqjax eval  --workdir runs/r34 --data /data/vox1 --trials /data/vox1/veri_test2.txt
 sqjax eval  --model runs/demo_qat/2bit/encoder_2bit.npz --data DIR --trials FILE
 sqjax analyze --study runs/qat_demo          # or --workdir runs/demo --ptq 8,4,3,2,1
+sqjax layers --workdir runs/demo --bits 2     # or --study runs/qat_demo
 sqjax embed --model runs/demo_qat/2bit/encoder_2bit.npz --data DIR --out emb.npy
 sqjax synth --out data/synth --speakers 100
 
@@ -163,6 +164,32 @@ def cmd_analyze(args, overrides) -> None:
     print(f"\nwrote {out}/scores.npz, score_analysis.json, figures/")
 
 
+def cmd_layers(args, overrides) -> None:
+    from sqjax import study
+
+    if bool(args.study) == bool(args.workdir):
+        raise ValueError("give --study DIR (a `sqjax qat` study) or --workdir FP32_RUN")
+    if args.study:
+        config, jobs = study.study_layer_jobs(args.study, args.bits)
+    else:
+        config, jobs = study.ptq_layer_jobs(args.workdir, args.bits or (2,), args.protect)
+    out = Path(args.out or Path(args.study or args.workdir) / "layers")
+    result = study.analyze_layers(
+        config,
+        jobs,
+        out,
+        data=args.data,
+        trials=args.trials,
+        cal_data=args.cal_data,
+        cal_trials=args.cal_trials,
+        tolerance=args.tolerance,
+        threshold=args.threshold,
+        chunk=args.chunk,
+    )
+    print(study.format_layers(result, top=args.top))
+    print(f"\nwrote {out}/layers.csv, layer_analysis.json, figures/")
+
+
 def cmd_synth(args, overrides) -> None:
     from sqjax import synth
 
@@ -244,6 +271,36 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--threshold", choices=("eer", "min_dcf"), default="eer", help="FP32 theta")
     a.add_argument("--out", default="", help="output dir (default: STUDY_OR_RUN/analysis)")
     a.set_defaults(fn=cmd_analyze)
+
+    ly = sub.add_parser(
+        "layers", help="layer-wise analysis: distortion vs sensitivity, protection, mixed precision"
+    )
+    ly.add_argument("--workdir", default="", help="an FP32 run, quantized after training")
+    ly.add_argument("--study", default="", help="a `sqjax qat` study: each run at its own width")
+    ly.add_argument(
+        "--bits", type=_bits_list, default=None, help="widths (default: 2; a study's: all)"
+    )
+    ly.add_argument(
+        "--protect",
+        type=_bits_list,
+        default=(4, 8),
+        help="higher widths the mixed-precision suggestion may keep layers at (--workdir)",
+    )
+    ly.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.10,
+        help="mixed-precision target: EER at most (1 + tolerance) x the float model's",
+    )
+    ly.add_argument("--data", default="", help="data dir of other test trials")
+    ly.add_argument("--trials", default="", help="trial list in --data")
+    ly.add_argument("--cal-data", default="", help="data dir of the trials the mix is chosen on")
+    ly.add_argument("--cal-trials", default="", help="trial list in --cal-data")
+    ly.add_argument("--threshold", choices=("eer", "min_dcf"), default="eer", help="flips' theta")
+    ly.add_argument("--chunk", type=int, default=None, help="variants per batch (default: auto)")
+    ly.add_argument("--top", type=int, default=10, help="layers shown in the printed table")
+    ly.add_argument("--out", default="", help="output dir (default: STUDY_OR_RUN/layers)")
+    ly.set_defaults(fn=cmd_layers)
 
     m = sub.add_parser("embed", help="embed every utterance of a data dir with a model file")
     m.add_argument("--model", required=True, help="model file written by `sqjax export`")

@@ -37,3 +37,50 @@ def tiny_config(tmp_path_factory):
             "--config.data.synth_args.workers=1",
         ],
     )
+
+
+# The learning config: see tests/test_learning.py for how it was chosen and what it gives.
+LEARNING_SEED = int(os.environ.get("SQJAX_LEARNING_SEED", "0"))
+LEARNING_OVERRIDES = [
+    "--config.data.synth_args.n_train_speakers=48",
+    "--config.data.synth_args.utts_per_speaker=6",
+    "--config.data.synth_args.n_test_speakers=20",
+    "--config.data.synth_args.test_utts_per_speaker=5",
+    "--config.data.synth_args.n_trials=1000",
+    "--config.model.n_mels=40",
+    "--config.model.width=8",
+    "--config.model.embed_dim=256",
+    "--config.head.scale=16.0",
+    "--config.head.margin=0.0",
+    "--config.train.num_steps=250",
+    "--config.train.batch_size=32",
+    "--config.train.n_frames=50",
+    "--config.train.learning_rate=3e-3",
+    "--config.train.warmup_steps=5",
+    "--config.train.log_every=50",
+    "--config.train.checkpoint_every=250",
+]
+
+
+@pytest.fixture(scope="session")
+def learned_run(tmp_path_factory):
+    """A small model that learns (tests/test_learning.py), trained once per session:
+    ``(config, workdir, test metrics)``."""
+    from sqjax import runs
+    from sqjax.config import load_config
+
+    root = tmp_path_factory.mktemp("learning")
+    config = load_config(
+        CONFIGS / "tiny.py",
+        [
+            f"--config.data.synth_dir={root}/synth",
+            "--config.progress=False",
+            "--config.data.synth_args.workers=1",
+            "--config.data.workers=1",  # a spawn pool costs more than it saves here
+            f"--config.seed={LEARNING_SEED}",
+            f"--config.data.synth_args.seed={LEARNING_SEED}",
+            *LEARNING_OVERRIDES,
+        ],
+    )
+    workdir = root / "run"
+    return config, workdir, runs.train_and_evaluate(config, workdir)

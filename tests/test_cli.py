@@ -212,3 +212,35 @@ def test_analyze_ptq_of_a_run(trained, capsys):
     assert result["calibration"] is not None and np.isfinite(z["llrs"]).all()
     for name in ("degradation", "drift", "flips", "det", "reliability"):
         assert (workdir / "analysis" / "figures" / f"{name}.png").stat().st_size > 5000
+
+
+def test_layers_of_a_run(trained, capsys):
+    import csv
+
+    workdir, _, _ = trained
+    cli.main(["layers", "--workdir", str(workdir), "--bits", "2", "--protect", "8", "--top", "3"])
+    out = capsys.readouterr().out
+    assert "2bit: reference EER" in out and "Spearman" in out and "mixed precision" in out
+    result = json.loads((workdir / "layers" / "layer_analysis.json").read_text())
+    a = result["widths"]["2bit"]
+    with open(workdir / "layers" / "layers.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [r["path"] for r in a["layers"]]
+    # The printed table shows the most sensitive layers, in the ranking's order.
+    shown = [p.removesuffix("/kernel") for p in a["ranking"][:3]]
+    assert all(p in out for p in shown)
+    assert (
+        sorted(a["ranking"], key=lambda p: -float(next(r["drift"] for r in rows if r["path"] == p)))
+        == a["ranking"]
+    )
+
+
+def test_layers_errors(trained, capsys):
+    workdir, _, _ = trained
+    with pytest.raises(SystemExit) as e:
+        cli.main(["layers"])
+    assert e.value.code == 2
+    assert "give --study DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["layers", "--study", str(workdir), "--bits", "2"])
+    assert "no <b>bit run directories" in capsys.readouterr().err

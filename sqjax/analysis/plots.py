@@ -183,3 +183,107 @@ def plot_reliability(reliabilities: Mapping[str, Mapping], path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+# ------------------------------------------------------------------ layer-wise analysis
+
+
+def _short(path: str) -> str:
+    return path.removesuffix("/kernel")
+
+
+def plot_layer_scatter(analysis: Mapping, path, label_top: int = 8) -> Path:
+    """Weight distortion (relative squared error, log axis) against score sensitivity
+    (mean |drift| with the layer alone quantized), one labelled point per layer
+    (``layers.layer_analysis``); the ``label_top`` most sensitive layers are named."""
+    rows = analysis["layers"]
+    fig = Figure(figsize=(7, 5), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    kinds = sorted({r["kind"] for r in rows})
+    for i, kind in enumerate(kinds):
+        sel = [r for r in rows if r["kind"] == kind]
+        ax.scatter(
+            [max(r["rel_err"], 1e-12) for r in sel],
+            [r["drift"] for r in sel],
+            color=f"C{i}",
+            label=kind,
+        )
+    top = set(analysis["ranking"][:label_top])
+    for r in rows:
+        if r["path"] in top:
+            ax.annotate(
+                _short(r["path"]),
+                (max(r["rel_err"], 1e-12), r["drift"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_xscale("log")
+    c = analysis["correlation"]["drift"]
+    stat = "n/a" if c["spearman"] is None else f"Spearman {c['spearman']:.2f}, R^2 {c['r2']:.2f}"
+    ax.set_title(f"{analysis['bits']}-bit, each layer alone quantized ({stat})", fontsize=9)
+    ax.set_xlabel("weight distortion ||W - Q(W)||^2 / ||W||^2")
+    ax.set_ylabel("mean |score drift| against float")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_layer_groups(analysis: Mapping, path) -> Path:
+    """Per stage and per kind of layer: |drift| with the group alone quantized beside the
+    sum of its layers' single-layer |drift|, and the group's share of the weights."""
+    groups = analysis["groups"]
+    fig = Figure(figsize=(10, 4), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 2)
+    total = sum(r["size"] for r in analysis["layers"])
+    for ax, kind in zip(axes, ("stage", "kind")):
+        sel = [g for g in groups if g["group"] == kind]
+        x = np.arange(len(sel))
+        ax.bar(x - 0.2, [g["drift"] for g in sel], 0.4, label="group alone quantized")
+        ax.bar(x + 0.2, [g["sum_drift"] for g in sel], 0.4, label="sum over its layers")
+        ax.set_xticks(
+            x, [f"{g['name']}\n{100 * g['size'] / total:.0f}% w" for g in sel], fontsize=8
+        )
+        ax.set_ylabel("mean |score drift|")
+        ax.set_title(f"by {kind} ({analysis['bits']}-bit)", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_layer_depth(analysis: Mapping, path) -> Path:
+    """Single-layer sensitivity by depth: |drift| and the EER change, layers in order."""
+    rows = sorted(analysis["layers"], key=lambda r: r["depth"])
+    fig = Figure(figsize=(10, 4.5), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(rows))
+    ax.plot(x, [r["drift"] for r in rows], "o-", label="mean |drift|")
+    ax.set_ylabel("mean |score drift|")
+    ax2 = ax.twinx()
+    ax2.plot(x, [100 * r["d_eer"] for r in rows], "s--", color="C3", label="EER change")
+    ax2.set_ylabel("EER change (% points)")
+    ax.set_xticks(x, [_short(r["path"]) for r in rows], rotation=90, fontsize=7)
+    ax.set_title(f"{analysis['bits']}-bit, each layer alone quantized, by depth", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_layer_protection(analysis: Mapping, path) -> Path:
+    """Recovery from keeping one layer in float while the rest are quantized: the drop of
+    mean |drift| and of the EER against the fully quantized model, per layer."""
+    rows = sorted(analysis["layers"], key=lambda r: -r["gain_drift"])
+    fig = Figure(figsize=(10, 4.5), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 2)
+    x = np.arange(len(rows))
+    names = [_short(r["path"]) for r in rows]
+    axes[0].bar(x, [r["gain_drift"] for r in rows])
+    axes[0].set_ylabel("|drift| recovered")
+    axes[1].bar(x, [100 * r["gain_eer"] for r in rows], color="C1")
+    axes[1].set_ylabel("EER recovered (% points)")
+    for ax in axes:
+        ax.set_xticks(x, names, rotation=90, fontsize=7)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"protecting one layer (float) in the {analysis['bits']}-bit model", fontsize=9)
+    return _save(fig, path)
