@@ -1,4 +1,5 @@
-"""The ``sqjax`` command: synth, train, qat, ptq, export, eval, analyze, layers, embed.
+"""The ``sqjax`` command: synth, train, qat, ptq, export, eval, analyze, layers, cascade,
+embed.
 
 sqjax train --config configs/demo.py --workdir runs/demo [--config.train.num_steps=100]
 sqjax qat   --config configs/qat_demo.py --workdir runs/demo_qat
@@ -8,6 +9,7 @@ sqjax eval  --workdir runs/r34 --data /data/vox1 --trials /data/vox1/veri_test2.
 sqjax eval  --model runs/demo_qat/2bit/encoder_2bit.npz --data DIR --trials FILE
 sqjax analyze --study runs/qat_demo          # or --workdir runs/demo --ptq 8,4,3,2,1
 sqjax layers --workdir runs/demo --bits 2     # or --study runs/qat_demo
+sqjax cascade --study runs/qat_demo --stages 2,4,8,32
 sqjax embed --model runs/demo_qat/2bit/encoder_2bit.npz --data DIR --out emb.npy
 sqjax synth --out data/synth --speakers 100
 
@@ -190,6 +192,38 @@ def cmd_layers(args, overrides) -> None:
     print(f"\nwrote {out}/layers.csv, layer_analysis.json, figures/")
 
 
+def cmd_cascade(args, overrides) -> None:
+    from sqjax import study
+
+    if bool(args.study) == bool(args.workdir):
+        raise ValueError("give --study DIR (a `sqjax qat` study) or --workdir FP32_RUN --ptq BITS")
+    if args.study:
+        if args.ptq:
+            raise ValueError("--ptq goes with --workdir (an FP32 run), not with --study")
+        config, variables = study.study_precisions(args.study)
+    else:
+        bits = args.ptq or tuple(b for b in args.stages if b != 32)
+        config, variables = study.ptq_precisions(args.workdir, bits)
+    eta = args.eta if args.eta == "eer" else float(args.eta)
+    out = Path(args.out or Path(args.study or args.workdir) / "cascade")
+    result = study.run_cascade(
+        config,
+        variables,
+        args.stages,
+        out,
+        data=args.data,
+        trials=args.trials,
+        cal_data=args.cal_data,
+        cal_trials=args.cal_trials,
+        metric=args.metric,
+        tolerance=args.tolerance,
+        eta=eta,
+        cost=args.cost,
+    )
+    print(study.format_cascade(result))
+    print(f"\nwrote {out}/cascade.json, cascade_curve.csv, figures/")
+
+
 def cmd_synth(args, overrides) -> None:
     from sqjax import synth
 
@@ -301,6 +335,39 @@ def build_parser() -> argparse.ArgumentParser:
     ly.add_argument("--top", type=int, default=10, help="layers shown in the printed table")
     ly.add_argument("--out", default="", help="output dir (default: STUDY_OR_RUN/layers)")
     ly.set_defaults(fn=cmd_layers)
+
+    c = sub.add_parser(
+        "cascade", help="calibrated multi-precision cascade: tau on calibration, cost account"
+    )
+    c.add_argument("--study", default="", help="a `sqjax qat` study directory")
+    c.add_argument("--workdir", default="", help="an FP32 run, quantized after training")
+    c.add_argument("--ptq", type=_bits_list, default=None, help="widths for --workdir")
+    c.add_argument(
+        "--stages",
+        type=lambda t: tuple(int(b) for b in t.split(",")),
+        default=(2, 4, 8, 32),
+        help="widths in cascade order, 32 = FP32 (default 2,4,8,32)",
+    )
+    c.add_argument(
+        "--metric",
+        default="eer",
+        help="kept within --tolerance of FP32: eer, min_dcf@0.01, min_dcf@0.05, act_dcf@0.01, cllr",
+    )
+    c.add_argument("--tolerance", type=float, default=0.05, help="relative (default 0.05)")
+    c.add_argument(
+        "--eta",
+        default="eer",
+        help="decision threshold: 'eer' (FP32's calibrated EER point) or a p_target like 0.01",
+    )
+    c.add_argument(
+        "--cost", choices=("bitops", "macs", "bytes"), default="bitops", help="what tau minimises"
+    )
+    c.add_argument("--data", default="", help="data dir of other test trials")
+    c.add_argument("--trials", default="", help="trial list in --data")
+    c.add_argument("--cal-data", default="", help="data dir of the calibration trials")
+    c.add_argument("--cal-trials", default="", help="calibration trial list")
+    c.add_argument("--out", default="", help="output dir (default: STUDY_OR_RUN/cascade)")
+    c.set_defaults(fn=cmd_cascade)
 
     m = sub.add_parser("embed", help="embed every utterance of a data dir with a model file")
     m.add_argument("--model", required=True, help="model file written by `sqjax export`")

@@ -260,3 +260,74 @@ def verification_metrics(scores, labels, p_targets: Sequence[float] = (0.01, 0.0
     out["n_target"] = int(y.sum())
     out["n_nontarget"] = int((~y).sum())
     return out
+
+
+# ------------------------------------------------------------- many systems, one trial list
+
+
+def _check_rows(scores, labels, name: str) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2:
+        raise ValueError(f"{name} must be (systems, trials), got shape {s.shape}")
+    _, y = _check_trials(s[0], labels, f"{name}[0]")
+    if not np.isfinite(s).all():
+        raise ValueError(f"{name} must be finite; fix or drop the NaN/inf trials")
+    return s, y
+
+
+def _sweep_rows(s: np.ndarray, y: np.ndarray):
+    """``_sweep`` of every row at once: (p_fa, p_miss, valid) of shape (G, T + 1), where
+    ``valid`` marks the operating points (the +inf point and the last trial of each run
+    of tied scores), so the result equals ``_sweep`` row by row."""
+    order = np.argsort(-s, axis=1, kind="stable")
+    s_sorted = np.take_along_axis(s, order, axis=1)
+    tar = np.cumsum(y[order], axis=1)
+    non = np.arange(1, s.shape[1] + 1) - tar
+    n_tar, n_non = y.sum(), (~y).sum()
+    g = s.shape[0]
+    p_fa = np.concatenate([np.zeros((g, 1)), non / n_non], axis=1)
+    p_miss = np.concatenate([np.ones((g, 1)), 1.0 - tar / n_tar], axis=1)
+    ends = np.concatenate([s_sorted[:, 1:] != s_sorted[:, :-1], np.ones((g, 1), bool)], axis=1)
+    valid = np.concatenate([np.ones((g, 1), bool), ends], axis=1)
+    return p_fa, p_miss, valid
+
+
+def eer_rows(scores, labels) -> np.ndarray:
+    """``eer(scores[g], labels)[0]`` for every row g of ``(G, T)`` scores, in array
+    operations (one sort of the whole array); ``(G,)``."""
+    s, y = _check_rows(scores, labels, "scores")
+    p_fa, p_miss, valid = _sweep_rows(s, y)
+    diff = p_miss - p_fa
+    idx = np.arange(diff.shape[1])
+    k = np.where(valid & (diff >= 0), idx, -1).max(axis=1)
+    k2 = np.where(valid & (idx > k[:, None]), idx, diff.shape[1]).min(axis=1)
+    rows = np.arange(len(s))
+    d0, d1 = diff[rows, k], diff[rows, k2]
+    alpha = d0 / (d0 - d1)
+    return p_fa[rows, k] + alpha * (p_fa[rows, k2] - p_fa[rows, k])
+
+
+def min_dcf_rows(scores, labels, p_target: float = 0.01) -> np.ndarray:
+    """``min_dcf(scores[g], labels, p_target)[0]`` for every row g (C_miss = C_fa = 1)."""
+    _check_costs(p_target, 1.0, 1.0)
+    s, y = _check_rows(scores, labels, "scores")
+    p_fa, p_miss, valid = _sweep_rows(s, y)
+    dcf = np.where(valid, p_target * p_miss + (1.0 - p_target) * p_fa, np.inf)
+    return dcf.min(axis=1) / min(p_target, 1.0 - p_target)
+
+
+def act_dcf_rows(llrs, labels, p_target: float = 0.01) -> np.ndarray:
+    """``act_dcf(llrs[g], labels, p_target)`` for every row g (C_miss = C_fa = 1)."""
+    s, y = _check_rows(llrs, labels, "llrs")
+    theta = bayes_threshold(p_target)
+    p_miss = np.mean(s[:, y] < theta, axis=1)
+    p_fa = np.mean(s[:, ~y] >= theta, axis=1)
+    return (p_target * p_miss + (1.0 - p_target) * p_fa) / min(p_target, 1.0 - p_target)
+
+
+def cllr_rows(llrs, labels) -> np.ndarray:
+    """``cllr(llrs[g], labels)`` for every row g."""
+    s, y = _check_rows(llrs, labels, "llrs")
+    c_tar = np.mean(np.logaddexp(0.0, -s[:, y]), axis=1)
+    c_non = np.mean(np.logaddexp(0.0, s[:, ~y]), axis=1)
+    return 0.5 * (c_tar + c_non) / _LOG2

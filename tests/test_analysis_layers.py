@@ -145,6 +145,16 @@ def test_prefix_choices_and_protection_order():
     np.testing.assert_array_equal(pc, [[1, 1, 1], [1, 2, 1], [2, 2, 1], [2, 2, 2]])
 
 
+def test_mix_size_counts_indices_codebooks_and_float_weights():
+    ref = {"params": {"a": np.ones((4, 8), np.float32), "b": np.ones((10,), np.float32)}}
+    q = {"params": {"a": np.zeros((4, 8), np.float32), "b": np.zeros((10,), np.float32)}}
+    bank = layers.variant_bank(ref, [q])
+    # a: 32 weights at 2 bits + 4 centroids of 32 bits; b: 10 float weights; 7 other bits.
+    assert layers.mix_size_bits(bank, [2, None], 7) == 32 * 2 + 4 * 32 + 10 * 32 + 7
+    # Per channel: 8 codebooks for a (last axis); b stays float.
+    assert layers.mix_size_bits(bank, [2, None], 0, per_channel=True) == 64 + 8 * 4 * 32 + 320
+
+
 def test_bad_inputs_are_named():
     ref = {"params": {"a": {"kernel": np.ones((2, 2), np.float32)}}}
     with pytest.raises(ValueError, match="no option differs"):

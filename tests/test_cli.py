@@ -244,3 +244,17 @@ def test_layers_errors(trained, capsys):
     with pytest.raises(SystemExit):
         cli.main(["layers", "--study", str(workdir), "--bits", "2"])
     assert "no <b>bit run directories" in capsys.readouterr().err
+
+
+def test_cascade_of_a_run(trained, capsys):
+    workdir, _, _ = trained
+    cli.main(["cascade", "--workdir", str(workdir), "--stages", "2,32", "--tolerance", "0.5"])
+    out = capsys.readouterr().out
+    assert "2bit alone" in out and "fp32 alone" in out and "storage of all stage models" in out
+    result = json.loads((workdir / "cascade" / "cascade.json").read_text())
+    assert result["stages"] == ["2bit", "fp32"]
+    if result["chosen"] is not None:
+        assert result["deployment"]["same_decisions"]
+    with pytest.raises(SystemExit):
+        cli.main(["cascade", "--workdir", str(workdir), "--stages", "4,2"])
+    assert "--stages" in capsys.readouterr().err

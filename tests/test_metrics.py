@@ -229,3 +229,22 @@ def test_one_million_tied_trials_match_references():
 def test_errors_name_the_parameter(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_row_metrics_equal_the_scalar_ones_with_ties():
+    rng = np.random.default_rng(7)
+    y = rng.random(300) < 0.3
+    s = rng.normal(size=(6, 300)) + 1.5 * y
+    s[1] = np.round(s[1], 1)  # many ties
+    s[2] = np.round(s[2])  # a few values only
+    s[3] = 0.0  # all tied
+    for g in range(6):
+        assert metrics.eer_rows(s, y)[g] == pytest.approx(metrics.eer(s[g], y)[0], abs=1e-12)
+        for p in (0.01, 0.05):
+            assert metrics.min_dcf_rows(s, y, p)[g] == pytest.approx(
+                metrics.min_dcf(s[g], y, p)[0], abs=1e-12
+            )
+            assert metrics.act_dcf_rows(s, y, p)[g] == pytest.approx(metrics.act_dcf(s[g], y, p))
+        assert metrics.cllr_rows(s, y)[g] == pytest.approx(metrics.cllr(s[g], y))
+    with pytest.raises(ValueError, match=r"\(systems, trials\)"):
+        metrics.eer_rows(s[0], y)

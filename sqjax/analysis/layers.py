@@ -424,11 +424,15 @@ def prefix_choices(order: Sequence[int], n_layers: int, base: int, high: int) ->
     return out
 
 
-def mix_size_bits(bank: VariantBank, layer_bits: Sequence[int], float_bits: int) -> int:
-    """Packed storage in bits of a mix: each layer at its width (``quant.packed_bits``, one
-    codebook per tensor) plus ``float_bits`` for everything that stays float."""
+def mix_size_bits(
+    bank: VariantBank, layer_bits: Sequence[int | None], float_bits: int, per_channel=False
+) -> int:
+    """Packed storage in bits of a mix: each layer at its width (``quant.packed_bits``: one
+    codebook per tensor, or per output channel; None: float) plus ``float_bits`` for the
+    params outside the bank."""
     return float_bits + sum(
-        quant.packed_bits(int(np.prod(s.shape[1:])), b) for s, b in zip(bank.stacks, layer_bits)
+        quant.packed_bits(int(np.prod(s.shape[1:])), b, s.shape[-1] if per_channel else 1)
+        for s, b in zip(bank.stacks, layer_bits)
     )
 
 

@@ -287,3 +287,60 @@ def plot_layer_protection(analysis: Mapping, path) -> Path:
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"protecting one layer (float) in the {analysis['bits']}-bit model", fontsize=9)
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------- cascade
+
+
+def plot_cascade_tradeoff(
+    result: Mapping, curve_cost, curve_metric, grid_cost, grid_metric, path
+) -> Path:
+    """The cascade's metric against its relative cost (FP32 alone = 1): every tau vector
+    of the grid (dots), one tau shared by all stages (line), the calibration-chosen point,
+    and each precision alone as a horizontal line."""
+    metric = result["metric"]
+    scale = 100.0 if metric == "eer" else 1.0
+    fig = Figure(figsize=(7, 5), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(
+        grid_cost, np.asarray(grid_metric) * scale, s=6, alpha=0.25, color="0.5", label="tau grid"
+    )
+    ax.plot(curve_cost, np.asarray(curve_metric) * scale, "-", color="C0", label="one tau")
+    for i, (name, sysm) in enumerate(result["systems"].items()):
+        ax.axhline(sysm[metric] * scale, ls="--", lw=1, color=f"C{i + 1}", label=f"{name} alone")
+    if result["chosen"] is not None:
+        c = result["chosen"]
+        ax.plot(
+            [c[f"rel_{result['cost']}"]],
+            [c[metric] * scale],
+            "*",
+            ms=14,
+            color="C3",
+            label="chosen on calibration",
+        )
+    ax.set_xlabel(f"relative cost per trial ({result['cost']}, FP32 alone = 1)")
+    ax.set_ylabel(f"{metric}{' (%)' if metric == 'eer' else ''} on the test trials")
+    ax.set_title(f"cascade {' -> '.join(result['stages'])}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_cascade_escalations(distance, stage, names: Sequence[str], path, bins: int = 40) -> Path:
+    """Where the trials each stage decided lie against |s_32 - theta| (the FP32 score's
+    distance to its EER threshold): escalated trials should be the ambiguous ones."""
+    distance, stage = np.asarray(distance), np.asarray(stage)
+    fig = Figure(figsize=(7, 4), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    edges = np.histogram_bin_edges(distance, bins=bins)
+    ax.hist(
+        [distance[stage == p] for p in range(len(names))],
+        edges,
+        stacked=True,
+        label=[f"decided at {n} ({np.mean(stage == p):.0%})" for p, n in enumerate(names)],
+    )
+    ax.set_xlabel("|s_32 - theta| (FP32 cosine score to its EER threshold)")
+    ax.set_ylabel("trials")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
