@@ -279,7 +279,8 @@ def _sweep_rows(s: np.ndarray, y: np.ndarray):
     """``_sweep`` of every row at once: (p_fa, p_miss, valid) of shape (G, T + 1), where
     ``valid`` marks the operating points (the +inf point and the last trial of each run
     of tied scores), so the result equals ``_sweep`` row by row."""
-    order = np.argsort(-s, axis=1, kind="stable")
+    # Any sort order will do: within a run of tied scores only the last point is valid.
+    order = np.argsort(-s, axis=1)
     s_sorted = np.take_along_axis(s, order, axis=1)
     tar = np.cumsum(y[order], axis=1)
     non = np.arange(1, s.shape[1] + 1) - tar
@@ -292,28 +293,58 @@ def _sweep_rows(s: np.ndarray, y: np.ndarray):
     return p_fa, p_miss, valid
 
 
-def eer_rows(scores, labels) -> np.ndarray:
-    """``eer(scores[g], labels)[0]`` for every row g of ``(G, T)`` scores, in array
-    operations (one sort of the whole array); ``(G,)``."""
-    s, y = _check_rows(scores, labels, "scores")
-    p_fa, p_miss, valid = _sweep_rows(s, y)
+_ROW_CHUNK = 1 << 22  # elements per chunk of rows: bounds the sweeps' temporary memory
+
+
+def _by_chunks(fn, s: np.ndarray, y: np.ndarray) -> np.ndarray:
+    rows = max(1, _ROW_CHUNK // max(s.shape[1], 1))
+    return np.concatenate([fn(s[i : i + rows], y) for i in range(0, len(s), rows)])
+
+
+def _eer_of_sweep_rows(p_fa, p_miss, valid) -> np.ndarray:
     diff = p_miss - p_fa
     idx = np.arange(diff.shape[1])
     k = np.where(valid & (diff >= 0), idx, -1).max(axis=1)
     k2 = np.where(valid & (idx > k[:, None]), idx, diff.shape[1]).min(axis=1)
-    rows = np.arange(len(s))
+    rows = np.arange(len(p_fa))
     d0, d1 = diff[rows, k], diff[rows, k2]
     alpha = d0 / (d0 - d1)
     return p_fa[rows, k] + alpha * (p_fa[rows, k2] - p_fa[rows, k])
 
 
-def min_dcf_rows(scores, labels, p_target: float = 0.01) -> np.ndarray:
-    """``min_dcf(scores[g], labels, p_target)[0]`` for every row g (C_miss = C_fa = 1)."""
-    _check_costs(p_target, 1.0, 1.0)
-    s, y = _check_rows(scores, labels, "scores")
-    p_fa, p_miss, valid = _sweep_rows(s, y)
+def _min_dcf_of_sweep_rows(p_fa, p_miss, valid, p_target: float) -> np.ndarray:
     dcf = np.where(valid, p_target * p_miss + (1.0 - p_target) * p_fa, np.inf)
     return dcf.min(axis=1) / min(p_target, 1.0 - p_target)
+
+
+def verification_metrics_rows(
+    scores, labels, p_targets: Sequence[float] = (0.01, 0.05)
+) -> dict[str, np.ndarray]:
+    """``verification_metrics``' EER and minDCF for every row of ``(G, T)`` scores, from one
+    sort per chunk of rows: ``{"eer": (G,), "min_dcf@<p>": (G,) ...}``."""
+    for p in p_targets:
+        _check_costs(p, 1.0, 1.0)
+    s, y = _check_rows(scores, labels, "scores")
+    keys = ["eer", *(f"min_dcf@{p:g}" for p in p_targets)]
+
+    def chunk(s, y):
+        sweep = _sweep_rows(s, y)
+        cols = [_eer_of_sweep_rows(*sweep)]
+        cols += [_min_dcf_of_sweep_rows(*sweep, p) for p in p_targets]
+        return np.stack(cols, axis=1)
+
+    out = _by_chunks(chunk, s, y)
+    return {k: out[:, i] for i, k in enumerate(keys)}
+
+
+def eer_rows(scores, labels) -> np.ndarray:
+    """``eer(scores[g], labels)[0]`` for every row g of ``(G, T)`` scores; ``(G,)``."""
+    return verification_metrics_rows(scores, labels, ())["eer"]
+
+
+def min_dcf_rows(scores, labels, p_target: float = 0.01) -> np.ndarray:
+    """``min_dcf(scores[g], labels, p_target)[0]`` for every row g (C_miss = C_fa = 1)."""
+    return verification_metrics_rows(scores, labels, (p_target,))[f"min_dcf@{p_target:g}"]
 
 
 def act_dcf_rows(llrs, labels, p_target: float = 0.01) -> np.ndarray:

@@ -103,9 +103,8 @@ def embeddings_needed(stage, enroll, test, n_utts: int, n_stages: int) -> np.nda
 def system_metrics(llrs, labels, p_targets: Sequence[float] = (0.01, 0.05)) -> dict:
     """EER, minDCF and actDCF at each p_target, and Cllr of each row of ``(G, T)`` LLRs
     (``metrics.*_rows``); ``{name: (G,) array}``."""
-    out = {"eer": metrics.eer_rows(llrs, labels)}
+    out = metrics.verification_metrics_rows(llrs, labels, p_targets)
     for p in p_targets:
-        out[f"min_dcf@{p:g}"] = metrics.min_dcf_rows(llrs, labels, p)
         out[f"act_dcf@{p:g}"] = metrics.act_dcf_rows(llrs, labels, p)
     out["cllr"] = metrics.cllr_rows(llrs, labels)
     return out
