@@ -1,5 +1,5 @@
 """The ``sqjax`` command: synth, train, qat, ptq, export, eval, analyze, layers, cascade,
-embed.
+study, report, embed.
 
 sqjax train --config configs/demo.py --workdir runs/demo [--config.train.num_steps=100]
 sqjax qat   --config configs/qat_demo.py --workdir runs/demo_qat
@@ -10,6 +10,8 @@ sqjax eval  --model runs/demo_qat/2bit/encoder_2bit.npz --data DIR --trials FILE
 sqjax analyze --study runs/qat_demo          # or --workdir runs/demo --ptq 8,4,3,2,1
 sqjax layers --workdir runs/demo --bits 2     # or --study runs/qat_demo
 sqjax cascade --study runs/qat_demo --stages 2,4,8,32
+sqjax study --config configs/study_demo.py --workdir runs/study_demo
+sqjax report runs/study_demo
 sqjax embed --model runs/demo_qat/2bit/encoder_2bit.npz --data DIR --out emb.npy
 sqjax synth --out data/synth --speakers 100
 
@@ -224,6 +226,25 @@ def cmd_cascade(args, overrides) -> None:
     print(f"\nwrote {out}/cascade.json, cascade_curve.csv, figures/")
 
 
+def cmd_study(args, overrides) -> None:
+    from sqjax import config as config_lib
+    from sqjax import study
+
+    config = config_lib.load_config(args.config, overrides)
+    _init_distributed(config)
+    summary = study.run_study(config, args.workdir)
+    print("\n" + study.format_study(summary))
+    print(f"\nreport: {Path(args.workdir) / 'report' / 'index.html'} (and report.md)")
+
+
+def cmd_report(args, overrides) -> None:
+    from sqjax import study
+
+    summary = study.write_report(args.dir)
+    print(study.format_study(summary))
+    print(f"\nwrote {Path(args.dir) / 'report'}/index.html, report.md, report.json")
+
+
 def cmd_synth(args, overrides) -> None:
     from sqjax import synth
 
@@ -369,6 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="", help="output dir (default: STUDY_OR_RUN/cascade)")
     c.set_defaults(fn=cmd_cascade)
 
+    st = sub.add_parser(
+        "study", help="the whole study: FP32, QAT and PTQ at each width, analyses, cascade, report"
+    )
+    st.add_argument("--config", required=True, help="e.g. configs/study_demo.py")
+    st.add_argument("--workdir", required=True, help="study directory (resumes what is there)")
+    st.set_defaults(fn=cmd_study)
+
+    rp = sub.add_parser("report", help="regenerate a study's report from its files")
+    rp.add_argument("dir", help="a `sqjax study` directory")
+    rp.set_defaults(fn=cmd_report)
+
     m = sub.add_parser("embed", help="embed every utterance of a data dir with a model file")
     m.add_argument("--model", required=True, help="model file written by `sqjax export`")
     m.add_argument("--data", required=True, help="Kaldi data dir or VoxCeleb tree")
@@ -390,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args, rest = build_parser().parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
-    if rest and args.command not in ("train", "qat", "eval"):
+    if rest and args.command not in ("train", "qat", "eval", "study"):
         bad = rest  # these commands take no config
     if bad:
         build_parser().error(f"unrecognised arguments: {' '.join(bad)}")

@@ -113,6 +113,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.quant.learning_rate = 1e-3
     c.quant.warmup_steps = 20
 
+    # `sqjax study`: the analyses after training (resume-free: changing them reruns only
+    # the analyses).
+    c.study = ml_collections.ConfigDict()
+    c.study.ptq_bn_utts = 256  # PTQ also with BatchNorm re-estimated on this many crops
+    c.study.layer_bits = (2,)  # widths of the layer-wise analysis (PTQ and QAT)
+    c.study.protect_bits = (4, 8)  # widths the mixed-precision suggestion may use
+    c.study.layer_tolerance = 0.10  # mix target: EER within this (relative) of FP32
+    c.study.cascade_stages = (2, 4, 8, 32)  # 32 = FP32
+    c.study.cascade_tolerance = 0.05  # cascade: EER within this (relative) of FP32
+
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 32
     c.eval.max_frames = 3000  # longer utterances are embedded in chunks and averaged

@@ -191,7 +191,6 @@ def analyze(
             "test": np.array(split.trials.test),
         }
         atomic_write(out / "scores.npz", lambda f: np.savez(f, **arrays))
-        write_json(out / "score_analysis.json", result)
         fig = out / "figures"
         fig.mkdir(parents=True, exist_ok=True)
         plots.plot_degradation(result, fig / "degradation.png")
@@ -201,6 +200,7 @@ def analyze(
         if llrs is not None:
             rel = {n: calibration.reliability(llrs[p], labels) for p, n in enumerate(names)}
             plots.plot_reliability(rel, fig / "reliability.png")
+        write_json(out / "score_analysis.json", result)  # last: marks the output complete
     return result
 
 
@@ -491,13 +491,13 @@ def analyze_layers(
     if jax.process_index() == 0:
         rows = [r for a in result["widths"].values() for r in a["layers"]]
         atomic_write(out / "layers.csv", _csv(rows, LAYER_CSV_COLUMNS))
-        write_json(out / "layer_analysis.json", result)
         fig = out / "figures"
         for name, a in result["widths"].items():
             plots.plot_layer_scatter(a, fig / f"layers_scatter_{name}.png")
             plots.plot_layer_groups(a, fig / f"layers_stages_{name}.png")
             plots.plot_layer_depth(a, fig / f"layers_depth_{name}.png")
             plots.plot_layer_protection(a, fig / f"layers_protection_{name}.png")
+        write_json(out / "layer_analysis.json", result)  # last: marks the output complete
     return result
 
 
@@ -724,7 +724,6 @@ def run_cascade(
             vals += [curve[k][i] for k in keys]
             lines.append(",".join(f"{v:.6g}" for v in vals))
         atomic_write(out / "cascade_curve.csv", "\n".join(lines) + "\n")
-        write_json(out / "cascade.json", result)
         fig = out / "figures"
         plots.plot_cascade_tradeoff(
             result,
@@ -742,6 +741,7 @@ def run_cascade(
                 names,
                 fig / "cascade_escalations.png",
             )
+        write_json(out / "cascade.json", result)  # last: marks the output complete
     return result
 
 
@@ -852,4 +852,286 @@ def format_cascade(result: dict) -> str:
         "rel bitops/MACs/bytes: expected per trial against FP32 alone, both sides embedded "
         "at each stage reached; MACs are equal at every precision (no low-bit kernels)"
     )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------- the one-command study
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    """A run trained to ``steps`` and scored (its metrics file is written last)."""
+    f = run_dir / "metrics_test.json"
+    return f.exists() and json.loads(f.read_text()).get("step") == steps
+
+
+def _done(path: Path, key: str, expected) -> bool:
+    """An analysis output exists (its JSON is written last) and covers ``expected``."""
+    return path.exists() and json.loads(path.read_text()).get(key) == expected
+
+
+def _ours() -> list[str]:
+    return [
+        "the built-in synthetic speaker corpus and the demo model size (a CPU-sized study)",
+        (
+            "calibration on the corpus's dev split; prior-weighted logistic regression at "
+            "p_target 0.05"
+        ),
+        (
+            "the knee by Kneedle on the ordinal bit axis; 'near theta' = the 10% of trials "
+            "nearest the FP32 EER threshold"
+        ),
+        (
+            "layer sensitivity measured as mean |score drift|; the mixed-precision mix chosen on "
+            "the calibration trials"
+        ),
+        (
+            "the cascade's eta at FP32's calibrated EER point; tau on a per-stage quantile grid, "
+            "cheapest in bit-ops (MACs x weight bits)"
+        ),
+    ]
+
+
+def run_study(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """The paper's whole study in ``workdir``: FP32 training (or ``config.quant.init_from``),
+    QAT at every width of ``config.quant.bits_list``, PTQ of the FP32 model at the same
+    widths, the score-level analyses of both, the layer-wise analyses at
+    ``config.study.layer_bits``, the cascade over ``config.study.cascade_stages`` (QAT
+    models), and the report.
+
+    Every stage is skipped when its outputs exist and cover what the config asks (a run
+    trained to its steps; an analysis of the same precisions), so an interrupted study
+    resumes where it stopped -- training runs from their last checkpoint -- and adding a
+    width trains only that width (the analyses that list widths are redone).
+    Returns the report's summary (``report.json``).
+    """
+    workdir = Path(workdir)
+    q, st = config.quant, config.study
+    bits_list = tuple(sorted(q.bits_list, reverse=True))
+
+    def stage(name):
+        log.info("study: %s", name)
+
+    if q.init_from:
+        fp32_dir = Path(q.init_from)
+        if not (fp32_dir / "metrics_test.json").exists():
+            raise FileNotFoundError(
+                f"config.quant.init_from={fp32_dir}: not a finished run (no metrics_test.json)"
+            )
+    else:
+        fp32_dir = workdir / "fp32"
+        if not _finished(fp32_dir, config.train.num_steps):
+            stage("FP32 training")
+            fp32 = ml_collections.ConfigDict(config.to_dict())
+            fp32.quant.bits, fp32.quant.bits_list = 0, ()
+            runs.train_and_evaluate(fp32, fp32_dir)
+    for b in bits_list:
+        if not _finished(workdir / f"{b}bit", q.num_steps):
+            stage(f"QAT at {b} bits")
+            runs.train_and_evaluate(qat_run_config(config, b, fp32_dir), workdir / f"{b}bit")
+
+    ptq_file = fp32_dir / "ptq.json"
+    ptq_names = ["fp32", *(f"{b}bit" for b in bits_list)]
+    if st.ptq_bn_utts:
+        ptq_names += [f"{b}bit+bn" for b in bits_list]
+    if not (ptq_file.exists() and set(ptq_names) <= set(json.loads(ptq_file.read_text()))):
+        stage("PTQ")
+        runs.ptq_workdir(fp32_dir, bits_list, bn_utts=st.ptq_bn_utts)
+
+    names = ["fp32", *(f"{b}bit" for b in bits_list)]
+    for kind in ("qat", "ptq"):
+        out = workdir / "analysis" / kind
+        if not _done(out / "score_analysis.json", "precisions", names):
+            stage(f"score-level analysis ({kind})")
+            if kind == "qat":
+                cfg, variables = study_precisions(workdir)
+            else:
+                cfg, variables = ptq_precisions(fp32_dir, bits_list)
+            analyze(cfg, variables, out)
+
+    widths = [f"{b}bit" for b in st.layer_bits]
+    layer_jobs = {
+        "ptq": lambda: ptq_layer_jobs(fp32_dir, tuple(st.layer_bits), tuple(st.protect_bits)),
+        "qat": lambda: study_layer_jobs(workdir, [b for b in st.layer_bits if b in bits_list]),
+    }
+    for kind, jobs_fn in layer_jobs.items():
+        want = widths if kind == "ptq" else [f"{b}bit" for b in st.layer_bits if b in bits_list]
+        path = workdir / "layers" / kind / "layer_analysis.json"
+        if want and not (path.exists() and list(json.loads(path.read_text())["widths"]) == want):
+            stage(f"layer-wise analysis ({kind})")
+            cfg, jobs = jobs_fn()
+            analyze_layers(cfg, jobs, path.parent, tolerance=st.layer_tolerance)
+
+    stages = tuple(st.cascade_stages)
+    names_c = stage_names(stages)
+    if all(b == 32 or b in bits_list for b in stages):
+        if not _done(workdir / "cascade" / "cascade.json", "stages", names_c):
+            stage("cascade")
+            cfg, variables = study_precisions(workdir)
+            run_cascade(cfg, variables, stages, workdir / "cascade", tolerance=st.cascade_tolerance)
+    else:
+        log.warning(
+            "study: cascade stages %s are not all QAT widths %s; skipped", stages, bits_list
+        )
+
+    info = _study_info(config, fp32_dir, bits_list)
+    write_json(workdir / "study_info.json", info)
+    return write_report(workdir)
+
+
+def _study_info(config, fp32_dir: Path, bits_list) -> dict:
+    """What the report needs besides the analyses' files: setup facts and model sizes."""
+    _, state, _ = runs.restore_run(fp32_dir)
+    variables = evaluate.encoder_variables(state)
+    encoder = train.build_encoder(config)
+    sizes = {"fp32": model_bytes(config, variables, None)}
+    sizes.update({f"{b}bit": model_bytes(config, variables, b) for b in bits_list})
+    return {
+        "config": json.loads(config.to_json()),
+        "fp32_run": str(fp32_dir),
+        "params": models.count_params(encoder),
+        "macs_2s": models.encoder_macs(encoder, 200),
+        "sizes": sizes,
+    }
+
+
+def _load(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_report(workdir: str | Path) -> dict:
+    """``workdir/report/index.html`` and ``report.md`` (same content) from the study's
+    files, and ``report.json`` (the numbers and verdicts); returns the latter."""
+    from sqjax.analysis import report
+
+    workdir = Path(workdir)
+    info = _load(workdir / "study_info.json")
+    if info is None:
+        raise FileNotFoundError(f"{workdir}: no study_info.json; run `sqjax study` first")
+    c = ml_collections.ConfigDict(info["config"])
+    analyses = {
+        name: a
+        for name, a in (
+            ("QAT", _load(workdir / "analysis" / "qat" / "score_analysis.json")),
+            ("PTQ", _load(workdir / "analysis" / "ptq" / "score_analysis.json")),
+        )
+        if a is not None
+    }
+    layers = {
+        name: la
+        for name, la in (
+            ("PTQ", _load(workdir / "layers" / "ptq" / "layer_analysis.json")),
+            ("QAT", _load(workdir / "layers" / "qat" / "layer_analysis.json")),
+        )
+        if la is not None
+    }
+    cascade = _load(workdir / "cascade" / "cascade.json")
+    rows = []
+    for method, a in analyses.items():
+        for p in a["precisions"]:
+            if method == "PTQ" and p == "fp32":
+                continue
+            m = a["per_precision"][p]["metrics"]
+            rows.append(
+                {
+                    "precision": p,
+                    "method": "FP32" if p == "fp32" else method,
+                    **{k: m.get(k) for k in ("eer", "min_dcf@0.01", "min_dcf@0.05")},
+                    **{k: m.get(k) for k in ("act_dcf@0.01", "cllr")},
+                    "size_bytes": info["sizes"].get(p, 0),
+                }
+            )
+    data = "built-in synthetic corpus" if c.data.synth else f"{c.data.train} / {c.data.test}"
+    setup = {
+        "title": f"sqjax study: {c.model.name} (width {c.model.width}) on {data}",
+        "items": [
+            ("data", data),
+            ("model", f"{c.model.name}, width {c.model.width}, embedding {c.model.embed_dim}"),
+            ("parameters", f"{info['params']:,} ({info['macs_2s'] / 1e6:.0f} MMACs per 2 s)"),
+            (
+                "FP32 training",
+                (
+                    f"{c.train.num_steps} steps of {c.train.batch_size} crops, "
+                    f"{c.train.optimizer} lr {c.train.learning_rate}"
+                ),
+            ),
+            (
+                "QAT",
+                (
+                    f"{c.quant.num_steps} steps per width at {tuple(c.quant.bits_list)} bits, "
+                    f"lr {c.quant.learning_rate}, codebooks refreshed every "
+                    f"{c.quant.refresh_every} steps"
+                ),
+            ),
+            ("codebooks", "per output channel" if c.quant.per_channel else "per tensor"),
+            (
+                "layer analysis",
+                (
+                    f"{tuple(c.study.layer_bits)} bits; mixes within "
+                    f"{c.study.layer_tolerance:.0%} of FP32 EER"
+                ),
+            ),
+            (
+                "cascade",
+                (
+                    f"stages {tuple(c.study.cascade_stages)}; EER within "
+                    f"{c.study.cascade_tolerance:.0%} of FP32"
+                ),
+            ),
+            ("seed", str(c.seed)),
+        ],
+        "ours": _ours(),
+    }
+    figs = [
+        ("QAT: EER and minDCF against bits, with the knee", "analysis/qat/figures/degradation.png"),
+        ("PTQ: EER and minDCF against bits, with the knee", "analysis/ptq/figures/degradation.png"),
+        ("QAT: score drift per width", "analysis/qat/figures/drift.png"),
+        ("QAT: flips against the distance to theta", "analysis/qat/figures/flips.png"),
+        ("PTQ: flips against the distance to theta", "analysis/ptq/figures/flips.png"),
+        ("QAT: DET curves", "analysis/qat/figures/det.png"),
+        ("QAT: reliability of the calibrated scores", "analysis/qat/figures/reliability.png"),
+    ]
+    for kind, la in layers.items():
+        for w in la["widths"]:
+            d = f"layers/{kind.lower()}/figures"
+            figs += [
+                (f"{kind} {w}: distortion against sensitivity", f"{d}/layers_scatter_{w}.png"),
+                (f"{kind} {w}: by stage and kind", f"{d}/layers_stages_{w}.png"),
+                (f"{kind} {w}: protecting one layer", f"{d}/layers_protection_{w}.png"),
+            ]
+    figs += [
+        ("cascade: EER against relative cost", "cascade/figures/cascade_tradeoff.png"),
+        ("cascade: where each stage decides", "cascade/figures/cascade_escalations.png"),
+    ]
+    figures = [(cap, workdir / rel) for cap, rel in figs if (workdir / rel).exists()]
+    blocks = report.study_report(setup, {"rows": rows}, analyses, layers, cascade, figures)
+    out = workdir / "report"
+    atomic_write(out / "report.md", report.to_markdown(blocks, out))
+    atomic_write(out / "index.html", report.to_html(blocks))
+    summary = {
+        "rows": rows,
+        "claims": report.claims(analyses.get("QAT"), analyses.get("PTQ"), layers, cascade),
+        "cascade": None if cascade is None else cascade["chosen"],
+    }
+    write_json(out / "report.json", summary)
+    return summary
+
+
+def format_study(summary: dict) -> str:
+    """The results table and the verdicts on the paper's claims."""
+    f = lambda v: "-" if v is None else f"{v:.4f}"
+    rows = [("precision", "method", "EER", "minDCF.01", "minDCF.05", "actDCF.01", "size B")]
+    for r in summary["rows"]:
+        rows.append(
+            (
+                r["precision"],
+                r["method"],
+                f(r["eer"]),
+                f(r["min_dcf@0.01"]),
+                f(r["min_dcf@0.05"]),
+                f(r["act_dcf@0.01"]),
+                f"{r['size_bytes']:,}",
+            )
+        )
+    lines = [format_table(rows)]
+    lines += [f"{c['verdict']:>14}: {c['claim']} -- {c['evidence']}" for c in summary["claims"]]
     return "\n".join(lines)

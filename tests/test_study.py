@@ -1,0 +1,190 @@
+"""`sqjax study`: the whole study on the tiny config, its report, and resuming after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+
+import pytest
+
+from sqjax import cli, study
+
+from .conftest import CONFIGS
+
+STUDY_OVERRIDES = [
+    "--config.quant.bits_list=(2,)",
+    "--config.quant.num_steps=3",
+    "--config.study.layer_bits=(2,)",
+    "--config.study.protect_bits=(8,)",
+    "--config.study.cascade_stages=(2,32)",
+    "--config.study.ptq_bn_utts=16",
+]
+
+
+def _overrides(tiny_config):
+    return [
+        f"--config.data.synth_dir={tiny_config.data.synth_dir}",
+        "--config.progress=False",
+        "--config.data.synth_args.workers=1",
+        "--config.data.workers=1",
+        *STUDY_OVERRIDES,
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tiny_config, tmp_path_factory):
+    """The tiny study run once by the command line, uninterrupted: (workdir, output)."""
+    workdir = tmp_path_factory.mktemp("study")
+    with pytest.MonkeyPatch.context() as mp:
+        import io
+
+        out = io.StringIO()
+        mp.setattr("sys.stdout", out)
+        cli.main(
+            [
+                "study",
+                "--config",
+                str(CONFIGS / "tiny.py"),
+                "--workdir",
+                str(workdir),
+                *_overrides(tiny_config),
+            ]
+        )
+    return workdir, out.getvalue()
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.images, self.headings, self._h = [], [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        if tag in ("h1", "h2"):
+            self._h = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("h1", "h2") and self._h is not None:
+            self.headings.append(self._h)
+            self._h = None
+
+    def handle_data(self, data):
+        if self._h is not None:
+            self._h += data
+
+
+def test_study_writes_every_stage_and_a_self_contained_report(tiny_study):
+    workdir, out = tiny_study
+    for f in [
+        "fp32/metrics_test.json",
+        "2bit/metrics_test.json",
+        "fp32/ptq.json",
+        "analysis/qat/score_analysis.json",
+        "analysis/ptq/score_analysis.json",
+        "layers/ptq/layers.csv",
+        "layers/qat/layer_analysis.json",
+        "cascade/cascade.json",
+        "report/report.md",
+        "report/index.html",
+    ]:
+        assert (workdir / f).exists(), f
+    summary = json.loads((workdir / "report" / "report.json").read_text())
+    assert [(r["precision"], r["method"]) for r in summary["rows"]] == [
+        ("fp32", "FP32"),
+        ("2bit", "QAT"),
+        ("2bit", "PTQ"),
+    ]
+    # The QAT row is the QAT run's own test metrics.
+    qat = json.loads((workdir / "2bit" / "metrics_test.json").read_text())
+    assert summary["rows"][1]["eer"] == pytest.approx(qat["eer"], abs=1e-6)
+    assert {c["verdict"] for c in summary["claims"]} <= {
+        "supported",
+        "not supported",
+        "not measured",
+    }
+    assert "What the data show" in out or "supported" in out
+
+    page = _Page()
+    page.feed((workdir / "report" / "index.html").read_text())
+    assert page.headings[:2] == [page.headings[0], "What the data show"]
+    assert {"Setup", "Results per precision", "The calibrated cascade", "Figures"} <= set(
+        page.headings
+    )
+    assert page.tags.count("table") >= 5
+    # Every figure inlined (no file references), one per PNG the analyses wrote.
+    assert page.images and all(src.startswith("data:image/png;base64,") for src in page.images)
+    md = (workdir / "report" / "report.md").read_text()
+    assert md.count("![") == len(page.images)
+    for h in page.headings:
+        assert h in md
+
+
+def test_report_command_regenerates_the_same_report(tiny_study, capsys):
+    workdir, _ = tiny_study
+    before = (workdir / "report" / "report.md").read_text()
+    (workdir / "report" / "report.md").unlink()
+    cli.main(["report", str(workdir)])
+    assert (workdir / "report" / "report.md").read_text() == before
+    assert "supported" in capsys.readouterr().out
+
+
+def test_a_finished_study_runs_nothing_again(tiny_study, tiny_config, monkeypatch):
+    workdir, _ = tiny_study
+    from sqjax import runs
+
+    def fail(*a, **k):
+        raise AssertionError("a finished stage ran again")
+
+    for name in ("train_and_evaluate", "ptq_workdir"):
+        monkeypatch.setattr(runs, name, fail)
+    monkeypatch.setattr(study, "analyze", fail)
+    monkeypatch.setattr(study, "analyze_layers", fail)
+    monkeypatch.setattr(study, "run_cascade", fail)
+    config = study_config(tiny_config)
+    study.run_study(config, workdir)
+
+
+def study_config(tiny_config):
+    from sqjax.config import load_config
+
+    return load_config(CONFIGS / "tiny.py", _overrides(tiny_config))
+
+
+def test_killed_study_resumes_to_the_same_report(tiny_study, tiny_config, tmp_path):
+    """SIGKILL the command once the FP32 run is scored (so mid-way through QAT, PTQ or an
+    analysis), start it again, and compare the final report's numbers with the
+    uninterrupted study's."""
+    workdir = tmp_path / "study"
+    cmd = [
+        sys.executable,
+        "-m",
+        "sqjax.cli",
+        "study",
+        "--config",
+        str(CONFIGS / "tiny.py"),
+        "--workdir",
+        str(workdir),
+        *_overrides(tiny_config),
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = workdir / "fp32" / "metrics_test.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed, "the study ended before it could be killed"
+    assert not (workdir / "report" / "report.json").exists()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    got = json.loads((workdir / "report" / "report.json").read_text())
+    want = json.loads((tiny_study[0] / "report" / "report.json").read_text())
+    assert got["rows"] == want["rows"]
+    assert got["cascade"] == want["cascade"]
+    assert [c["evidence"] for c in got["claims"]] == [c["evidence"] for c in want["claims"]]
