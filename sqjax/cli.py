@@ -142,7 +142,8 @@ def cmd_embed(args, overrides) -> None:
     print(f"wrote {out} ({emb.shape[0]} x {emb.shape[1]} float32) and {utts} (row order)")
 
 
-def cmd_analyze(args, overrides) -> None:
+def _precisions(args, default_bits):
+    """``(config, {name: variables})`` of ``--study DIR`` or ``--workdir RUN --ptq BITS``."""
     from sqjax import study
 
     if bool(args.study) == bool(args.workdir):
@@ -150,9 +151,14 @@ def cmd_analyze(args, overrides) -> None:
     if args.study:
         if args.ptq:
             raise ValueError("--ptq goes with --workdir (an FP32 run), not with --study")
-        config, variables = study.study_precisions(args.study)
-    else:
-        config, variables = study.ptq_precisions(args.workdir, args.ptq or (8, 4, 3, 2, 1))
+        return study.study_precisions(args.study)
+    return study.ptq_precisions(args.workdir, args.ptq or default_bits)
+
+
+def cmd_analyze(args, overrides) -> None:
+    from sqjax import study
+
+    config, variables = _precisions(args, (8, 4, 3, 2, 1))
     out = Path(args.out or Path(args.study or args.workdir) / "analysis")
     result = study.analyze(
         config,
@@ -197,15 +203,7 @@ def cmd_layers(args, overrides) -> None:
 def cmd_cascade(args, overrides) -> None:
     from sqjax import study
 
-    if bool(args.study) == bool(args.workdir):
-        raise ValueError("give --study DIR (a `sqjax qat` study) or --workdir FP32_RUN --ptq BITS")
-    if args.study:
-        if args.ptq:
-            raise ValueError("--ptq goes with --workdir (an FP32 run), not with --study")
-        config, variables = study.study_precisions(args.study)
-    else:
-        bits = args.ptq or tuple(b for b in args.stages if b != 32)
-        config, variables = study.ptq_precisions(args.workdir, bits)
+    config, variables = _precisions(args, tuple(b for b in args.stages if b != 32))
     eta = args.eta if args.eta == "eer" else float(args.eta)
     out = Path(args.out or Path(args.study or args.workdir) / "cascade")
     result = study.run_cascade(

@@ -173,15 +173,18 @@ def ptq_variables(config, state: train.TrainState, bits: int) -> dict:
     return evaluate.encoder_variables(state.replace(qstate=q.init(state.params["encoder"])), q)
 
 
-def ptq_workdir(workdir: str | Path, bits_list=(8, 4, 3, 2, 1), bn_utts: int = 256) -> dict:
+def ptq_workdir(
+    workdir: str | Path, bits_list=(8, 4, 3, 2, 1), bn_utts: int = 256, out: str | Path = ""
+) -> dict:
     """Post-training quantization of a trained FP32 run at each width (no fine-tuning).
 
     Scores the run's test trials at each width as ``<b>bit``; with ``bn_utts > 0`` also
     with BatchNorm statistics re-estimated under the quantized weights on that many
     training crops, as ``<b>bit+bn``. Writes ``metrics_ptq<b>[_bn].json`` and ``ptq.json``
-    to ``workdir`` and returns the rows, ``fp32`` first.
+    to ``out`` (default: ``workdir``) and returns the rows, ``fp32`` first.
     """
     workdir = Path(workdir)
+    out = Path(out or workdir)
     config, state, quantizer = restore_run(workdir)
     if quantizer is not None:
         raise ValueError(f"{workdir} is a QAT run ({config.quant.bits} bits): give an FP32 run")
@@ -190,18 +193,18 @@ def ptq_workdir(workdir: str | Path, bits_list=(8, 4, 3, 2, 1), bn_utts: int = 2
     data = prepare.training_data(config) if bn_utts > 0 else None
     step = int(state.step)
     fp32 = evaluate.encoder_variables(state)
-    rows = {"fp32": evaluate_run(config, workdir, fp32, step=step, split=split, tag="fp32")}
+    rows = {"fp32": evaluate_run(config, out, fp32, step=step, split=split, tag="fp32")}
     for bits in bits_list:
         variables = ptq_variables(config, state, bits)
         rows[f"{bits}bit"] = evaluate_run(
-            config, workdir, variables, step=step, split=split, tag=f"ptq{bits}"
+            config, out, variables, step=step, split=split, tag=f"ptq{bits}"
         )
         if data is not None:
             variables = reestimated_variables(config, variables, data, bn_utts)
             rows[f"{bits}bit+bn"] = evaluate_run(
-                config, workdir, variables, step=step, split=split, tag=f"ptq{bits}_bn"
+                config, out, variables, step=step, split=split, tag=f"ptq{bits}_bn"
             )
-    workdir_lib.write_json(workdir / "ptq.json", rows)
+    workdir_lib.write_json(out / "ptq.json", rows)
     return rows
 
 

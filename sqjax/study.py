@@ -576,10 +576,15 @@ def format_layers(result: dict, top: int = 10) -> str:
                 f"{sug['selected_on']} trials, even with every layer at the higher width"
             )
             continue
+        keep = ", ".join(p.removesuffix("/kernel") for p in sug["keep"])
+        what = (
+            f"keep {len(sug['keep'])} layer(s) at {sug['high_bits']} bits: {keep}"
+            if sug["keep"]
+            else f"every layer at {a['bits']} bits already meets it"
+        )
         lines.append(
             f"mixed precision (chosen on the {sug['selected_on']} trials, EER within "
-            f"{sug['tolerance']:.0%} of float): keep {len(sug['keep'])} layer(s) at "
-            f"{sug['high_bits']} bits: {', '.join(p.removesuffix('/kernel') for p in sug['keep']) or '-'}; "
+            f"{sug['tolerance']:.0%} of float): {what}; "
             f"size {sug['mix_size_bytes']:,} B (all {a['bits']}-bit "
             f"{sug['size_bytes'][name]:,} B, FP32 {sug['size_bytes']['fp32']:,} B); test EER "
             f"{sug['test_eer']:.4f} against target {sug['test_target_eer']:.4f} "
@@ -929,13 +934,13 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             stage(f"QAT at {b} bits")
             runs.train_and_evaluate(qat_run_config(config, b, fp32_dir), workdir / f"{b}bit")
 
-    ptq_file = fp32_dir / "ptq.json"
+    ptq_file = workdir / "ptq" / "ptq.json"
     ptq_names = ["fp32", *(f"{b}bit" for b in bits_list)]
     if st.ptq_bn_utts:
         ptq_names += [f"{b}bit+bn" for b in bits_list]
     if not (ptq_file.exists() and set(ptq_names) <= set(json.loads(ptq_file.read_text()))):
         stage("PTQ")
-        runs.ptq_workdir(fp32_dir, bits_list, bn_utts=st.ptq_bn_utts)
+        runs.ptq_workdir(fp32_dir, bits_list, bn_utts=st.ptq_bn_utts, out=ptq_file.parent)
 
     names = ["fp32", *(f"{b}bit" for b in bits_list)]
     for kind in ("qat", "ptq"):

@@ -83,7 +83,7 @@ def test_study_writes_every_stage_and_a_self_contained_report(tiny_study):
     for f in [
         "fp32/metrics_test.json",
         "2bit/metrics_test.json",
-        "fp32/ptq.json",
+        "ptq/ptq.json",
         "analysis/qat/score_analysis.json",
         "analysis/ptq/score_analysis.json",
         "layers/ptq/layers.csv",
@@ -156,9 +156,9 @@ def study_config(tiny_config):
 
 
 def test_killed_study_resumes_to_the_same_report(tiny_study, tiny_config, tmp_path):
-    """SIGKILL the command once the FP32 run is scored (so mid-way through QAT, PTQ or an
-    analysis), start it again, and compare the final report's numbers with the
-    uninterrupted study's."""
+    """SIGKILL the command once its QAT run has started, start it again, and compare the
+    final report's numbers with the uninterrupted study's. It fine-tunes from that study's
+    FP32 run (``init_from``), so only the stages after FP32 training are paid twice."""
     workdir = tmp_path / "study"
     cmd = [
         sys.executable,
@@ -170,18 +170,19 @@ def test_killed_study_resumes_to_the_same_report(tiny_study, tiny_config, tmp_pa
         "--workdir",
         str(workdir),
         *_overrides(tiny_config),
+        f"--config.quant.init_from={tiny_study[0] / 'fp32'}",
     ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = workdir / "fp32" / "metrics_test.json"
+    marker = workdir / "2bit" / "config.json"  # the QAT run has started
     deadline = time.monotonic() + 300
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     killed = proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert killed, "the study ended before it could be killed"
-    assert not (workdir / "report" / "report.json").exists()
+    assert not (workdir / "2bit" / "metrics_test.json").exists()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     got = json.loads((workdir / "report" / "report.json").read_text())
     want = json.loads((tiny_study[0] / "report" / "report.json").read_text())

@@ -223,9 +223,14 @@ def study_report(
             sug = la["suggestions"].get(width)
             if sug and sug["reached"]:
                 text += (
-                    f" Mixed precision (chosen on the {sug['selected_on']} trials): keep "
-                    f"{len(sug['keep'])} layer(s) at {sug['high_bits']} bits, "
-                    f"{sug['mix_size_bytes']:,} B, test EER {sug['test_eer']:.4f} "
+                    f" Mixed precision (chosen on the {sug['selected_on']} trials): "
+                    + (
+                        f"keep {', '.join(p.removesuffix('/kernel') for p in sug['keep'])} "
+                        f"at {sug['high_bits']} bits, "
+                        if sug["keep"]
+                        else "no layer needs a higher width, "
+                    )
+                    + f"{sug['mix_size_bytes']:,} B, test EER {sug['test_eer']:.4f} "
                     f"(target {sug['test_target_eer']:.4f})."
                 )
             elif sug:
