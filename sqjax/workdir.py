@@ -19,6 +19,12 @@ from typing import IO, Any
 import ml_collections
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes]], Any]) -> None:
     """Writes ``data`` (bytes, text, or a function of a binary file) to ``path`` through a
     temporary file in the same directory and ``os.replace``: readers never see half a file,
@@ -35,6 +41,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes
                 f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

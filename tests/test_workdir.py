@@ -1,0 +1,29 @@
+"""The one atomic-write helper: whole files, and the permissions a plain open() gives."""
+
+import os
+
+import pytest
+
+from sqjax.workdir import atomic_write
+
+
+def test_atomic_write_permissions_follow_the_umask(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic_write(tmp_path / "atomic.txt", "x")
+    mode = lambda p: os.stat(p).st_mode & 0o777
+    assert mode(tmp_path / "atomic.txt") == mode(plain)
+
+
+def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "f.bin"
+    atomic_write(path, b"old")
+
+    def boom(f):
+        f.write(b"half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, boom)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
