@@ -68,8 +68,8 @@ def bench_deployment(workdir: str, repeats: int) -> None:
     enroll, test = evaluate.trial_indices(split.corpus.utts, split.trials.enroll, split.trials.test)
     everyone = np.unique(np.concatenate([enroll, test]))
     fns[-1](everyone)  # compile every length rung
-    llr0 = cal.apply(study.all_precision_scores(config, {"2bit": stage_vars["2bit"]}, split))
-    margin = np.sort(np.abs(llr0[0] - eta))
+    s2 = study.all_precision_scores(config, {"2bit": stage_vars["2bit"]}, split)[0]
+    margin = np.sort(np.abs(cal.a[0] * s2.astype(np.float64) + cal.b[0] - eta))
     fp32 = statistics.median(_time(lambda: fns[-1](everyone)) for _ in range(repeats))
     print(f"\ndeployment path, {workdir}: {len(enroll)} trials, {len(everyone)} utterances")
     print(f"  FP32 alone (embed all, warm): {fp32:.2f} s")
