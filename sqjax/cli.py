@@ -180,9 +180,12 @@ def cmd_layers(args, overrides) -> None:
     if bool(args.study) == bool(args.workdir):
         raise ValueError("give --study DIR (a `sqjax qat` study) or --workdir FP32_RUN")
     if args.study:
+        if args.per_channel:
+            raise ValueError("--per-channel goes with --workdir: QAT runs keep their codebooks")
         config, jobs = study.study_layer_jobs(args.study, args.bits)
     else:
-        config, jobs = study.ptq_layer_jobs(args.workdir, args.bits or (2,), args.protect)
+        pc = ("--config.quant.per_channel=True",) if args.per_channel else ()
+        config, jobs = study.ptq_layer_jobs(args.workdir, args.bits or (2,), args.protect, pc)
     out = Path(args.out or Path(args.study or args.workdir) / "layers")
     result = study.analyze_layers(
         config,
@@ -338,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_bits_list,
         default=(4, 8),
         help="higher widths the mixed-precision suggestion may keep layers at (--workdir)",
+    )
+    ly.add_argument(
+        "--per-channel",
+        action="store_true",
+        help="PTQ with one codebook per output channel (default: per tensor)",
     )
     ly.add_argument(
         "--tolerance",

@@ -235,6 +235,46 @@ def test_layers_of_a_run(trained, capsys):
     )
 
 
+def test_layers_per_channel_codebooks_distort_less(trained, capsys):
+    workdir, _, _ = trained
+    out = workdir / "layers_pc"
+    cli.main(
+        [
+            "layers",
+            "--workdir",
+            str(workdir),
+            "--bits",
+            "1",
+            "--protect",
+            "8",
+            "--per-channel",
+            "--out",
+            str(out),
+        ]
+    )
+    per_channel = json.loads((out / "layer_analysis.json").read_text())["widths"]["1bit"]
+    cli.main(
+        [
+            "layers",
+            "--workdir",
+            str(workdir),
+            "--bits",
+            "1",
+            "--protect",
+            "8",
+            "--out",
+            str(workdir / "layers_pt"),
+        ]
+    )
+    per_tensor = json.loads((workdir / "layers_pt" / "layer_analysis.json").read_text())
+    pt = {r["path"]: r["rel_err"] for r in per_tensor["widths"]["1bit"]["layers"]}
+    # More codebooks, each fitted to fewer weights: never more squared error per tensor.
+    for r in per_channel["layers"]:
+        assert r["rel_err"] <= pt[r["path"]] + 1e-9, r["path"]
+    assert sum(r["rel_err"] for r in per_channel["layers"]) < sum(pt.values())
+    capsys.readouterr()
+
+
 def test_layers_errors(trained, capsys):
     workdir, _, _ = trained
     with pytest.raises(SystemExit) as e:
