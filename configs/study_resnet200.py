@@ -1,4 +1,4 @@
-"""The paper's whole study at VoxCeleb scale on RESNET200 (settings ours, untuned; GPU/TPU).
+"""The paper's whole study at VoxCeleb scale on ResNet-200 (settings ours, untuned; GPU/TPU).
 
     sqjax study --config configs/study_resnet200.py --workdir runs/study_resnet200 \
         --config.data.train=/data/voxceleb2/dev/aac_wav \
@@ -6,13 +6,8 @@
         --config.data.test_trials=/data/voxceleb1/veri_test2.txt \
         --config.data.cal=/data/voxceleb1_cal --config.data.cal_trials=/data/voxceleb1_cal/trials
 
-Training as configs/resnet200.py (days of accelerator time), or pass
---config.quant.init_from=RUN to start from a trained FP32 run (e.g. one imported from
-WeSpeaker). QAT fine-tunes 20k steps per width at 8, 4, 3, 2 and 1 bits (about 3% of the
-FP32 schedule: our choice, not the paper's). Calibration trials must be disjoint from the
-test trials (e.g. a trial list drawn from VoxCeleb1 dev speakers); the cascade and actDCF
-need them. The layer-wise analysis at 2 bits embeds every test utterance 2 + 2L + G times
-(L quantized tensors): on VoxCeleb1-O that is accelerator work, not CPU work.
+Training as configs/resnet200.py; the QAT, calibration, layer-analysis and cascade
+settings, and what they cost, as configs/study_resnet36.py says.
 """
 
 from pathlib import Path
@@ -22,11 +17,6 @@ from sqjax.config import load_config
 
 def get_config():
     c = load_config(Path(__file__).with_name("resnet200.py"))
-    c.quant.bits_list = (8, 4, 3, 2, 1)
-    c.quant.num_steps = 20_000
-    c.quant.learning_rate = 1e-3
-    c.quant.warmup_steps = 500
-    c.quant.refresh_every = 500
-    c.study.layer_bits = (2,)
-    c.study.cascade_stages = (2, 4, 8, 32)
+    study = load_config(Path(__file__).with_name("study_resnet36.py"))
+    c.quant, c.study = study.quant, study.study
     return c
