@@ -164,10 +164,7 @@ def cmd_analyze(args, overrides) -> None:
         config,
         variables,
         out,
-        data=args.data,
-        trials=args.trials,
-        cal_data=args.cal_data,
-        cal_trials=args.cal_trials,
+        **_trials(args),
         threshold=args.threshold,
     )
     print("\n" + study.format_analysis(result))
@@ -191,10 +188,7 @@ def cmd_layers(args, overrides) -> None:
         config,
         jobs,
         out,
-        data=args.data,
-        trials=args.trials,
-        cal_data=args.cal_data,
-        cal_trials=args.cal_trials,
+        **_trials(args),
         tolerance=args.tolerance,
         threshold=args.threshold,
         chunk=args.chunk,
@@ -214,10 +208,7 @@ def cmd_cascade(args, overrides) -> None:
         variables,
         args.stages,
         out,
-        data=args.data,
-        trials=args.trials,
-        cal_data=args.cal_data,
-        cal_trials=args.cal_trials,
+        **_trials(args),
         metric=args.metric,
         tolerance=args.tolerance,
         eta=eta,
@@ -259,6 +250,23 @@ def cmd_synth(args, overrides) -> None:
         workers=args.workers,
     )
     print(f"corpus in {root}: train/, dev/, test/ (Kaldi data dirs with trials)")
+
+
+def _trial_args(p: argparse.ArgumentParser, cal: str = "the calibration trials") -> None:
+    p.add_argument("--data", default="", help="data dir of other test trials")
+    p.add_argument("--trials", default="", help="trial list in --data")
+    p.add_argument("--cal-data", default="", help=f"data dir of {cal}")
+    p.add_argument("--cal-trials", default="", help="trial list in --cal-data")
+
+
+def _trials(args) -> dict:
+    """The test and calibration trial options as keyword arguments of the analyses."""
+    return {
+        "data": args.data,
+        "trials": args.trials,
+        "cal_data": args.cal_data,
+        "cal_trials": args.cal_trials,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,10 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--study", default="", help="a `sqjax qat` study directory")
     a.add_argument("--workdir", default="", help="an FP32 run, quantized after training")
     a.add_argument("--ptq", type=_bits_list, default=None, help="widths for --workdir (8,4,3,2,1)")
-    a.add_argument("--data", default="", help="data dir of other test trials")
-    a.add_argument("--trials", default="", help="trial list in --data")
-    a.add_argument("--cal-data", default="", help="data dir of the calibration trials")
-    a.add_argument("--cal-trials", default="", help="calibration trial list")
+    _trial_args(a)
     a.add_argument("--threshold", choices=("eer", "min_dcf"), default="eer", help="FP32 theta")
     a.add_argument("--out", default="", help="output dir (default: STUDY_OR_RUN/analysis)")
     a.set_defaults(fn=cmd_analyze)
@@ -353,10 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.10,
         help="mixed-precision target: EER at most (1 + tolerance) x the float model's",
     )
-    ly.add_argument("--data", default="", help="data dir of other test trials")
-    ly.add_argument("--trials", default="", help="trial list in --data")
-    ly.add_argument("--cal-data", default="", help="data dir of the trials the mix is chosen on")
-    ly.add_argument("--cal-trials", default="", help="trial list in --cal-data")
+    _trial_args(ly, cal="the trials the mix is chosen on")
     ly.add_argument("--threshold", choices=("eer", "min_dcf"), default="eer", help="flips' theta")
     ly.add_argument("--chunk", type=int, default=None, help="variants per batch (default: auto)")
     ly.add_argument("--top", type=int, default=10, help="layers shown in the printed table")
@@ -389,10 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--cost", choices=("bitops", "macs", "bytes"), default="bitops", help="what tau minimises"
     )
-    c.add_argument("--data", default="", help="data dir of other test trials")
-    c.add_argument("--trials", default="", help="trial list in --data")
-    c.add_argument("--cal-data", default="", help="data dir of the calibration trials")
-    c.add_argument("--cal-trials", default="", help="calibration trial list")
+    _trial_args(c)
     c.add_argument("--out", default="", help="output dir (default: STUDY_OR_RUN/cascade)")
     c.set_defaults(fn=cmd_cascade)
 
