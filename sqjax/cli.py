@@ -191,7 +191,6 @@ def cmd_layers(args, overrides) -> None:
         **_trials(args),
         tolerance=args.tolerance,
         threshold=args.threshold,
-        chunk=args.chunk,
     )
     print(study.format_layers(result, top=args.top))
     print(f"\nwrote {out}/layers.csv, layer_analysis.json, figures/")
@@ -360,7 +359,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _trial_args(ly, cal="the trials the mix is chosen on")
     ly.add_argument("--threshold", choices=("eer", "min_dcf"), default="eer", help="flips' theta")
-    ly.add_argument("--chunk", type=int, default=None, help="variants per batch (default: auto)")
     ly.add_argument("--top", type=int, default=10, help="layers shown in the printed table")
     ly.add_argument("--out", default="", help="output dir (default: STUDY_OR_RUN/layers)")
     ly.set_defaults(fn=cmd_layers)

@@ -9,9 +9,10 @@ Every layer has an explicit name, so parameter paths are stable and can be match
 ``layer2_0/shortcut_conv/kernel``, ``embedding/kernel``, ``embedding/bias``.
 """
 
+import functools
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -127,23 +128,85 @@ class ResNet(nn.Module):
                 f"ResNet expects (batch, frames, {self.n_mels}) features, "
                 f"got shape {x.shape}; set n_mels to match the features"
             )
-        block_cls = _BLOCKS[self.block]
-        x = jnp.transpose(x, (0, 2, 1))[..., None].astype(self.dtype)  # (B, F, T, 1)
-        x = _conv(self.width, 3, 1, "stem_conv", self.dtype)(x)
-        x = nn.relu(_bn(train, "stem_bn", self.dtype)(x))
-        for i, n_blocks in enumerate(self.stage_sizes):
-            for j in range(n_blocks):
-                stride = 2 if i > 0 and j == 0 else 1
-                x = block_cls(self.width * 2**i, stride, self.dtype, name=f"layer{i + 1}_{j}")(
-                    x, train
-                )
-        # (B, F', T', C) -> (B, T', C * F'), channel-major like WeSpeaker's flatten of (C, F').
-        b, f, t, c = x.shape
-        x = jnp.transpose(x, (0, 2, 3, 1)).reshape(b, t, c * f).astype(jnp.float32)
-        mean = jnp.mean(x, axis=1)
-        std = jnp.sqrt(jnp.mean(jnp.square(x - mean[:, None, :]), axis=1) + POOL_EPS)
-        stats = jnp.concatenate([mean, std], axis=-1)  # (B, 2 * C * F')
-        return nn.Dense(self.embed_dim, dtype=jnp.float32, name="embedding")(stats)
+        x = _stem(x, self.width, train, self.dtype)
+        for name, cls, planes, stride in _block_specs(self):
+            x = cls(planes, stride, self.dtype, name=name)(x, train)
+        return _head(x, self.embed_dim)
+
+
+def _block_specs(encoder: ResNet) -> list[tuple[str, type, int, int]]:
+    """``(name, block class, planes, stride)`` of each residual block, in order."""
+    cls = _BLOCKS[encoder.block]
+    return [
+        (f"layer{i + 1}_{j}", cls, encoder.width * 2**i, 2 if i > 0 and j == 0 else 1)
+        for i, n_blocks in enumerate(encoder.stage_sizes)
+        for j in range(n_blocks)
+    ]
+
+
+def _stem(x: jax.Array, width: int, train: bool, dtype: Any) -> jax.Array:
+    """(B, T, F) features -> NHWC (B, F, T, 1) -> 3x3 conv + BN + ReLU (in the caller's scope)."""
+    x = jnp.transpose(x, (0, 2, 1))[..., None].astype(dtype)
+    x = _conv(width, 3, 1, "stem_conv", dtype)(x)
+    return nn.relu(_bn(train, "stem_bn", dtype)(x))
+
+
+def _head(x: jax.Array, embed_dim: int) -> jax.Array:
+    """Temporal statistics pooling and the embedding layer (in the caller's scope)."""
+    # (B, F', T', C) -> (B, T', C * F'), channel-major like WeSpeaker's flatten of (C, F').
+    b, f, t, c = x.shape
+    x = jnp.transpose(x, (0, 2, 3, 1)).reshape(b, t, c * f).astype(jnp.float32)
+    mean = jnp.mean(x, axis=1)
+    std = jnp.sqrt(jnp.mean(jnp.square(x - mean[:, None, :]), axis=1) + POOL_EPS)
+    stats = jnp.concatenate([mean, std], axis=-1)  # (B, 2 * C * F')
+    return nn.Dense(embed_dim, dtype=jnp.float32, name="embedding")(stats)
+
+
+def _unwrap(apply: Callable, name: str, variables, x: jax.Array) -> jax.Array:
+    return apply({c: tree[name] for c, tree in variables.items() if name in tree}, x)
+
+
+class _Part(nn.Module):
+    """Runs ``fn(x)`` as a module, so the layers ``fn`` creates are this module's own."""
+
+    fn: Callable[[jax.Array], jax.Array]
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fn(x)
+
+
+class Segment(NamedTuple):
+    """One link of ``encoder_segments``: ``apply(variables, x)``, jitted, where
+    ``variables`` holds only the subtrees of the top-level layer names ``keys``."""
+
+    keys: tuple[str, ...]
+    apply: Callable
+
+
+@functools.lru_cache(maxsize=8)
+def encoder_segments(encoder: "ResNet") -> tuple[Segment, ...]:
+    """The inference forward pass of ``encoder`` as a chain: the stem, each residual
+    block, the pooling head. Chained, the segments compute
+    ``encoder.apply(variables, x, train=False)`` (to float rounding: each is its own
+    program). Used to re-run only the part of the network after a changed layer."""
+
+    def jitted(module, *args):
+        return jax.jit(lambda v, x: module.apply(v, x, *args))
+
+    d = encoder.dtype
+    stem = _Part(functools.partial(_stem, width=encoder.width, train=False, dtype=d))
+    head = _Part(functools.partial(_head, embed_dim=encoder.embed_dim))
+    by_block: dict = {}
+    segs = [Segment(("stem_conv", "stem_bn"), jitted(stem))]
+    for name, cls, planes, stride in _block_specs(encoder):
+        if (cls, planes, stride) not in by_block:  # equal blocks share their compiles
+            by_block[cls, planes, stride] = jitted(cls(planes, stride, d), False)
+        segs.append(
+            Segment((name,), functools.partial(_unwrap, by_block[cls, planes, stride], name))
+        )
+    segs.append(Segment(("embedding",), jitted(head)))
+    return tuple(segs)
 
 
 PRESETS: dict[str, dict] = {

@@ -302,16 +302,20 @@ def study_layer_jobs(study_dir: str | Path, bits_list=None):
     return config, jobs
 
 
-def _variant_scores(embed_all, bank, choices, split, config, label) -> np.ndarray:
+def _variant_scores(config, bank, choices, split, label) -> np.ndarray:
+    """Cosine scores ``(P, T)`` of ``split``'s trials under each variant of ``choices``;
+    variants share the work of their common front (``layers.embed_variants`` with the
+    encoder's segments)."""
     from sqjax.analysis import layers
 
     emb = layers.embed_variants(
-        embed_all,
+        None,
         bank,
         choices,
         split.feats,
         batch_size=config.eval.batch_size,
         max_frames=config.eval.max_frames,
+        segments=models.encoder_segments(train.build_encoder(config)),
         label=label,
     )
     enroll, test = evaluate.trial_indices(split.corpus.utts, split.trials.enroll, split.trials.test)
@@ -328,14 +332,21 @@ def suggest_mix(config, job: LayerJob, bank, analysis: dict, split, sel_split, t
     b, highs = job.bits, sorted(job.protect)
     n_layers = len(bank.paths)
     rows = analysis["layers"]
-    prefixes = [np.zeros((1, n_layers), np.int32)]
-    for i, h in enumerate(highs):
-        order = layers.protection_order(rows, b, h)
-        prefixes.append(layers.prefix_choices(order, n_layers, 1, 2 + i))
-    choices = np.concatenate(prefixes)
-    embed_all = evaluate.precision_embed(train.build_encoder(config))
-    s = _variant_scores(embed_all, bank, choices, sel_split, config, f"mixes {b}bit")
-    eers = np.array([metrics.eer(x, sel_split.trials.labels)[0] for x in s])
+    labels = sel_split.trials.labels
+
+    def score(choices):
+        s = _variant_scores(config, bank, choices, sel_split, f"mixes {b}bit")
+        return np.array([metrics.eer(x, labels)[0] for x in s])
+
+    orders = [layers.protection_order(rows, b, h) for h in highs]
+    ref_eer, found = layers.prefix_search(score, orders, tolerance)
+    target = (1 + tolerance) * ref_eer
+    pairs = sorted(found)
+    choices = np.stack(
+        [np.zeros(n_layers, np.int32)]
+        + [layers.prefix_choices(orders[i], n_layers, 1, 2 + i)[k] for i, k in pairs]
+    )
+    eers = np.array([ref_eer] + [found[p] for p in pairs])
     in_bank = set(bank.paths)
     float_bits = 32 * sum(
         int(np.prod(np.shape(leaf)))
@@ -351,23 +362,25 @@ def suggest_mix(config, job: LayerJob, bank, analysis: dict, split, sel_split, t
             for row in choices
         ]
     )
-    target = (1 + tolerance) * eers[0]
     ok = np.flatnonzero(eers[1:] <= target) + 1
     base = {
         "bits": b,
         "tolerance": tolerance,
         "selected_on": "calibration" if sel_split is not split else "test",
-        "select_reference_eer": float(eers[0]),
+        "select_reference_eer": ref_eer,
         "select_target_eer": float(target),
-        "size_bytes": {"fp32": int(sizes[0]) // 8, f"{b}bit": int(sizes[1]) // 8},
+        "size_bytes": {
+            "fp32": int(sizes[0]) // 8,
+            f"{b}bit": int(sizes[pairs.index((0, 0)) + 1]) // 8,
+        },
         "curve": [
             {
-                "high_bits": bits_of[int(row.max())],
-                "protected": int((row > 1).sum()),
+                "high_bits": highs[i],
+                "protected": k,
                 "eer": float(e),
                 "size_bytes": int(z) // 8,
             }
-            for row, e, z in zip(choices[1:], eers[1:], sizes[1:])
+            for (i, k), e, z in zip(pairs, eers[1:], sizes[1:])
         ],
     }
     if not len(ok):
@@ -438,7 +451,6 @@ def analyze_layers(
     cal_trials: str = "",
     tolerance: float = 0.10,
     threshold: str = "eer",
-    chunk: int | None = None,
 ) -> dict:
     """The layer-wise analysis of each width in ``jobs`` on the config's test trials (or
     ``data``/``trials``): every layer alone quantized, every layer alone kept float, every
@@ -458,7 +470,6 @@ def analyze_layers(
     split = prepare.test_data(config)
     cal_split = None
     encoder = train.build_encoder(config)
-    embed_all = evaluate.precision_embed(encoder)
     macs = models.encoder_macs_by_layer(encoder, config.train.n_frames)
     result = {"widths": {}, "suggestions": {}, "macs_frames": config.train.n_frames}
     for job in jobs:
@@ -468,7 +479,7 @@ def analyze_layers(
         groups = [m for _, _, m in layers.layer_groups(bank)]
         choices = layers.layer_choices(len(bank.paths), groups)
         log.info("layers %s: %d layers, %d variants", name, len(bank.paths), len(choices))
-        s = _variant_scores(embed_all, bank, choices, split, config, f"layers {name}")
+        s = _variant_scores(config, bank, choices, split, f"layers {name}")
         a = layers.layer_analysis(
             s,
             split.trials.labels,

@@ -80,10 +80,11 @@ def test_known_dominant_layer_is_ranked_first():
     np.testing.assert_allclose(a["quantized"]["drift"], np.abs(s_all - s_ref).mean(), atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "map"])
+@pytest.mark.parametrize("strategy", ["vmap", "map", "shared"])
 def test_batched_variants_equal_variants_built_one_by_one(strategy):
     """Random choices over FP32 / 2-bit / 4-bit on a ResNet with BatchNorm statistics:
-    the stacked, chunked pass equals each variant assembled by hand and embedded alone."""
+    the stacked, chunked pass (and the segment-sharing one, "shared") equals each variant
+    assembled by hand and embedded alone."""
     rng = np.random.default_rng(1)
     encoder = models.build_encoder("resnet_tiny", n_mels=16)
     variables = encoder.init(jax.random.key(1), jnp.zeros((1, 40, 16)))
@@ -93,10 +94,15 @@ def test_batched_variants_equal_variants_built_one_by_one(strategy):
     options = [{**ref, "params": quant.quantize_params(ref["params"], b)} for b in (2, 4)]
     bank = layers.variant_bank(ref, options)
     choices = rng.integers(0, 3, size=(5, len(bank.paths)))
+    choices = np.concatenate([choices, layers.layer_choices(len(bank.paths))])
     feats = [rng.normal(size=(n, 16)).astype(np.float32) for n in (60, 110, 130)]
-    emb = layers.embed_variants(
-        evaluate.precision_embed(encoder, strategy), bank, choices, feats, chunk=2
-    )
+    if strategy == "shared":
+        segments = models.encoder_segments(encoder)
+        emb = layers.embed_variants(None, bank, choices, feats, segments=segments)
+    else:
+        emb = layers.embed_variants(
+            evaluate.precision_embed(encoder, strategy), bank, choices, feats, chunk=4
+        )
     flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(ref["params"]).items()}
     versions = [flat] + [
         {"/".join(k): v for k, v in traverse_util.flatten_dict(o["params"]).items()}
@@ -110,6 +116,60 @@ def test_batched_variants_equal_variants_built_one_by_one(strategy):
         params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in mix.items()})
         one = evaluate.extract_embeddings(embed, {"params": params, "batch_stats": stats_}, feats)
         np.testing.assert_allclose(emb[p], one, rtol=2e-5, atol=2e-5)
+
+
+def test_shared_runs_reuse_the_longest_common_front():
+    # Worked by hand: lexicographic order 4/0 (equal), 1, 2, 3; each starts where it
+    # first differs from the one before it; the duplicate runs nothing.
+    keys = np.array([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [0, 0, 0]])
+    order, start = layers.shared_runs(keys)
+    np.testing.assert_array_equal(order, [0, 4, 1, 2, 3])
+    np.testing.assert_array_equal(start, [0, 3, 2, 1, 0])
+    assert int(np.sum(3 - start)) == 3 + 0 + 1 + 2 + 3  # of 15 without sharing
+
+
+def test_segment_keys_group_equal_choices_and_name_unknown_layers():
+    Seg = models.Segment
+    bank = layers.VariantBank({}, ("a/kernel", "b/kernel", "b/bias"), (0, 1, 2), ())
+    segments = [Seg(("a",), None), Seg(("b",), None)]
+    keys = layers.segment_keys(bank, segments, [[0, 1, 1], [1, 1, 1], [0, 1, 0], [0, 1, 1]])
+    assert keys[0, 0] == keys[2, 0] == keys[3, 0] != keys[1, 0]
+    assert keys[0, 1] == keys[1, 1] == keys[3, 1] != keys[2, 1]
+    with pytest.raises(ValueError, match="'b/kernel' is in no segment"):
+        layers.segment_keys(bank, segments[:1], [[0, 0, 0]])
+
+
+def test_prefix_search_finds_the_smallest_prefix_the_full_grid_finds():
+    """EER falls with the number of protected layers k (noisy, as EERs are): the search
+    returns, per high width, the same smallest k reaching the target as scoring every k,
+    with fewer evaluations."""
+    rng = np.random.default_rng(3)
+    n = 37
+    curves = [np.sort(rng.random(n + 1))[::-1] * 0.2 + 0.1 for _ in range(2)]
+    orders = [list(rng.permutation(n)) for _ in range(2)]
+    rows = [layers.prefix_choices(o, n, 1, 2 + i) for i, o in enumerate(orders)]
+    calls = []
+
+    def score(choices):
+        calls.append(len(choices))
+        out = []
+        for row in choices:
+            if not row.any():
+                out.append(0.1)  # the reference
+                continue
+            i = int(row.max()) - 2 if row.max() > 1 else 0
+            k = int((row > 1).sum())
+            assert np.array_equal(row, rows[i][k])
+            out.append(curves[i][k])
+        return np.array(out)
+
+    ref, found = layers.prefix_search(score, orders, tolerance=0.5)
+    assert ref == 0.1
+    for i in range(2):
+        brute = int(np.flatnonzero(curves[i] <= 0.15)[0])
+        ks = sorted(k for j, k in found if j == i and found[j, k] <= 0.15)
+        assert ks[0] == brute and found[i, brute - 1] > 0.15
+    assert sum(calls) < 2 * (n + 1) / 2
 
 
 def test_correlations_match_scipy_and_numpy():

@@ -19,6 +19,7 @@ from sqjax.models import (
     count_params,
     encoder_macs,
     encoder_macs_by_layer,
+    encoder_segments,
 )
 
 
@@ -331,3 +332,23 @@ def test_aam_softmax_init_kernel_shape():
     head = AAMSoftmax(num_classes=5)
     v = head.init(jax.random.key(0), jnp.ones((2, 32)), jnp.array([0, 4]), 0.2)
     assert v["params"]["kernel"].shape == (32, 5)
+
+
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_segments_chained_equal_the_whole_encoder(block):
+    """The stem, each block and the head, applied one after another on their own
+    variables, give the encoder's embeddings (non-trivial BatchNorm statistics)."""
+    enc = ResNet(stage_sizes=(1, 2, 1, 1), block=block, width=4, embed_dim=8, n_mels=16)
+    v = enc.init(jax.random.key(0), jnp.zeros((1, 40, 16)))
+    stats = jax.tree.map(lambda a: a + 0.3 * jnp.cos(jnp.arange(a.size)).reshape(a.shape),
+                         v["batch_stats"])  # fmt: skip
+    v = {"params": v["params"], "batch_stats": stats}
+    x = jax.random.normal(jax.random.key(1), (3, 57, 16))
+    segments = encoder_segments(enc)
+    assert [s.keys for s in segments] == [("stem_conv", "stem_bn")] + [
+        (f"layer{i}_{j}",) for i, n in zip(range(1, 5), (1, 2, 1, 1)) for j in range(n)
+    ] + [("embedding",)]
+    h = x
+    for s in segments:
+        h = s.apply({c: {k: t[k] for k in s.keys if k in t} for c, t in v.items()}, h)
+    np.testing.assert_allclose(h, enc.apply(v, x), rtol=1e-5, atol=1e-6)

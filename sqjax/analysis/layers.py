@@ -144,15 +144,22 @@ def embed_variants(
     batch_size: int = 32,
     max_frames: int = 3000,
     chunk: int | None = None,
+    segments: Sequence | None = None,
     label: str = "variants",
 ) -> np.ndarray:
     """Embeddings ``(P, n, dim)`` of ``feats`` under each variant of ``choices``.
 
-    ``embed_all`` is an ``evaluate.precision_embed`` function. Variants go through it
-    ``chunk`` at a time (``variant_chunk`` by default), the last chunk padded, so every
-    call has the same shapes; progress is logged with an ETA.
+    With ``segments`` (the model as a chain, e.g. ``models.encoder_segments(encoder)``),
+    variants share the work of their common front: per batch, each segment runs once per
+    distinct choice of its own layers and everything before it (see ``shared_runs``), so a
+    variant that changes one late layer costs only the segments from there on. Otherwise
+    ``embed_all``, an ``evaluate.precision_embed`` function, embeds the variants ``chunk``
+    at a time (``variant_chunk`` by default; the last chunk padded, so every call has the
+    same shapes). Both log progress with an ETA.
     """
     choices = np.asarray(choices)
+    if segments is not None:
+        return _embed_shared(segments, bank, choices, feats, batch_size, max_frames, label)
     chunk = chunk or variant_chunk(bank)
     n = len(choices)
     out, t0 = [], time.perf_counter()
@@ -175,6 +182,106 @@ def embed_variants(
             dt / done * (n - done),
         )
     return np.concatenate(out)
+
+
+def segment_keys(bank: VariantBank, segments: Sequence, choices) -> np.ndarray:
+    """``(P, S)``: per variant and segment, an id of the choices of that segment's layers
+    (equal ids: equal weights). A layer belongs to the segment whose ``keys`` hold its
+    path's first part."""
+    owner = {k: s for s, seg in enumerate(segments) for k in seg.keys}
+    seg_of = []
+    for path in bank.paths:
+        if path.split("/")[0] not in owner:
+            raise ValueError(f"segments: layer {path!r} is in no segment's keys")
+        seg_of.append(owner[path.split("/")[0]])
+    seg_of = np.asarray(seg_of)
+    keys = np.zeros((len(choices), len(segments)), np.int64)
+    for s in range(len(segments)):
+        cols = np.asarray(choices)[:, seg_of == s]
+        keys[:, s] = np.unique(cols, axis=0, return_inverse=True)[1].reshape(-1)
+    return keys
+
+
+def shared_runs(keys) -> tuple[np.ndarray, np.ndarray]:
+    """The order to run variants in and, per variant in that order, the first segment it
+    must run: lexicographic order of ``keys`` (``segment_keys``), so each variant reuses
+    the longest front it shares with any other -- the one run just before it. The total
+    ``sum(S - start)`` is the number of segment runs per batch (``P * S`` without sharing).
+    """
+    keys = np.asarray(keys)
+    order = np.lexsort(keys.T[::-1])
+    start = np.zeros(len(order), np.int64)
+    for i in range(1, len(order)):
+        same = keys[order[i]] == keys[order[i - 1]]
+        start[i] = len(same) if same.all() else int(np.argmin(same))
+    return order, start
+
+
+def _segment_variables(bank: VariantBank, seg, choice_of: Mapping[str, int]) -> dict:
+    """The variables of one segment, its bank layers taken at ``choice_of[path]``."""
+    sub = {c: {k: t[k] for k in seg.keys if k in t} for c, t in bank.reference.items()}
+    stack = dict(zip(bank.paths, bank.stacks))
+
+    def pick(keypath, leaf):
+        path = quant.path_str(keypath)
+        return stack[path][choice_of[path]] if path in choice_of else leaf
+
+    sub["params"] = jax.tree_util.tree_map_with_path(pick, sub["params"])
+    return sub
+
+
+def _embed_shared(segments, bank, choices, feats, batch_size, max_frames, label) -> np.ndarray:
+    keys = segment_keys(bank, segments, choices)
+    order, start = shared_runs(keys)
+    n_seg = len(segments)
+    # The variables of each (segment, key) that some variant uses, built once.
+    seg_vars: dict[tuple[int, int], dict] = {}
+    for p in order:
+        for s in range(n_seg):
+            if (s, keys[p, s]) not in seg_vars:
+                owned = [
+                    j for j, path in enumerate(bank.paths) if path.split("/")[0] in segments[s].keys
+                ]
+                choice_of = {bank.paths[j]: int(choices[p, j]) for j in owned}
+                seg_vars[s, keys[p, s]] = _segment_variables(bank, segments[s], choice_of)
+    runs = int(np.sum(n_seg - start))
+    log.info(
+        "%s: %d variants, %d segment runs per batch (%.0f%% of %d without sharing)",
+        label,
+        len(choices),
+        runs,
+        100 * runs / max(len(choices) * n_seg, 1),
+        len(choices) * n_seg,
+    )
+    total = sum(max(f.shape[0], 1) for f in feats)
+    done, t0, last = [0], time.perf_counter(), [time.perf_counter()]
+
+    def embed(_, x):
+        acts: list = []
+        out = [None] * len(order)
+        for p, s0 in zip(order, start):
+            del acts[s0:]
+            h = acts[-1] if acts else x
+            for s in range(s0, n_seg):
+                h = segments[s].apply(seg_vars[s, keys[p, s]], h)
+                acts.append(h)
+            out[p] = h
+        emb = np.stack([np.asarray(o) for o in out], 1)  # (batch, P, dim)
+        done[0] += x.shape[0] * x.shape[1]
+        now = time.perf_counter()
+        if now - last[0] > 10:
+            last[0], frac = now, min(done[0] / total, 1.0)
+            eta = (now - t0) * (1 - frac) / max(frac, 1e-9)
+            log.info(
+                "%s: %.0f%% of the frames, %.0f s, ETA %.0f s", label, 100 * frac, now - t0, eta
+            )
+        return emb.reshape(emb.shape[0], -1)
+
+    flat = evaluate.extract_embeddings(
+        embed, None, feats, batch_size=batch_size, max_frames=max_frames
+    )
+    log.info("%s: %d variants embedded in %.1f s", label, len(choices), time.perf_counter() - t0)
+    return flat.reshape(len(feats), len(choices), -1).transpose(1, 0, 2)
 
 
 # ------------------------------------------------------------------------- per variant
@@ -422,6 +529,50 @@ def prefix_choices(order: Sequence[int], n_layers: int, base: int, high: int) ->
     for k in range(1, n_layers + 1):
         out[k:, order[k - 1]] = high
     return out
+
+
+def prefix_search(
+    score: Callable[[np.ndarray], np.ndarray],
+    orders: Sequence[Sequence[int]],
+    tolerance: float,
+    base: int = 1,
+) -> tuple[float, dict[tuple[int, int], float]]:
+    """EERs of protection prefixes, searched instead of all ``L + 1`` per high width.
+
+    ``orders[i]`` is the protection order towards option ``base + 1 + i``; the row of
+    ``(i, k)`` is ``prefix_choices(orders[i], L, base, base + 1 + i)[k]``. ``score(rows)``
+    returns the EER of each row. The target is ``(1 + tolerance)`` x the EER of the
+    reference (all choices 0). Evaluated: the reference and k on the grid 0, 1, 2, 4, ...,
+    L; then, per high width, a bisection inside the first grid step where the EER falls
+    to the target or below, until the k reaching it has k - 1 not reaching it. Each round
+    scores every width's rows in one call. Returns ``(reference EER, {(i, k): eer})``.
+    """
+    n = len(orders[0]) if orders else 0
+    grid = sorted({0, n, *(2**e for e in range(max(n, 1).bit_length()) if 2**e < n)})
+    rows_of = [prefix_choices(o, n, base, base + 1 + i) for i, o in enumerate(orders)]
+    eers: dict[tuple[int, int], float] = {}
+
+    def run(pairs, extra=()):
+        vals = score(np.stack([*extra, *(rows_of[i][k] for i, k in pairs)]))
+        eers.update({pk: float(e) for pk, e in zip(pairs, vals[len(extra) :])})
+        return vals
+
+    first = [(i, k) for i in range(len(orders)) for k in grid]
+    ref = float(run(first, [np.zeros(n, np.int32)])[0])
+    target = (1 + tolerance) * ref
+    while True:
+        mids = []
+        for i in range(len(orders)):
+            ks = sorted(k for j, k in eers if j == i)
+            ok = [k for k in ks if eers[i, k] <= target]
+            if not ok or ok[0] == 0:
+                continue
+            lo = max(k for k in ks if k < ok[0])
+            if ok[0] - lo > 1:
+                mids.append((i, (lo + ok[0]) // 2))
+        if not mids:
+            return ref, eers
+        run(mids)
 
 
 def mix_size_bits(
