@@ -130,9 +130,14 @@ def _flat(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
 def check_resumable(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
     """A run resumes exactly only under the config it started with: refuse any other
     (settings in ``RESUME_FREE``, ``eval.*`` and ``study.*`` excepted)."""
+    from sqjax.config import default_config
+
     free = lambda k: k in RESUME_FREE or k.startswith(("eval.", "study."))
     old = {k: v for k, v in _flat(load_run_config(workdir).to_dict()) if not free(k)}
     new = {k: v for k, v in _flat(json.loads(config.to_json())) if not free(k)}
+    # A setting added after the run started, at its default, is how the run ran.
+    default = dict(_flat(json.loads(default_config().to_json())))
+    old.update({k: default[k] for k in new.keys() - old.keys() if k in default})
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
         raise ValueError(

@@ -27,3 +27,25 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         atomic_write(path, boom)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_a_run_older_than_a_new_setting_resumes_at_its_default(tmp_path):
+    """A config.json written before quant.method existed resumes under the default
+    ("kmeans"), not under another value; any other change is still refused, by name."""
+    import json
+
+    from sqjax.config import default_config
+    from sqjax.workdir import check_resumable
+
+    old = default_config().to_dict()
+    del old["quant"]["method"]
+    (tmp_path / "config.json").write_text(json.dumps(old, default=list))
+    check_resumable(tmp_path, default_config())
+    other = default_config()
+    other.quant.method = "uniform"
+    with pytest.raises(ValueError, match=r"changed: quant\.method\)"):
+        check_resumable(tmp_path, other)
+    other = default_config()
+    other.train.num_steps += 1
+    with pytest.raises(ValueError, match=r"changed: train\.num_steps\)"):
+        check_resumable(tmp_path, other)
