@@ -1,6 +1,6 @@
 """sqjax: low-bit K-means quantization of speaker-verification models in JAX/Flax.
 
-The quantizer works on any params pytree::
+The quantizer works on any params pytree (``uniform_quantizer`` for integer grids)::
 
     import sqjax
     quantizer = sqjax.kmeans_quantizer(sqjax.default_rules(bits=2))
@@ -33,6 +33,7 @@ from sqjax.metrics import (
 from sqjax.models import PRESETS, AAMSoftmax, ResNet, build_encoder, count_params, encoder_macs
 from sqjax.quant import (
     KMeansQuantizer,
+    Quantizer,
     QuantizerState,
     Rule,
     codebook_indices,
@@ -47,6 +48,7 @@ from sqjax.quant import (
     stack_precisions,
 )
 from sqjax.synth import generate_corpus
+from sqjax.uniform import UniformState, uniform_quantizer
 
 __version__ = "0.1.0"
 
@@ -56,10 +58,12 @@ __all__ = [
     "Corpus",
     "DataError",
     "KMeansQuantizer",
+    "Quantizer",
     "QuantizerState",
     "ResNet",
     "Rule",
     "Trials",
+    "UniformState",
     "act_dcf",
     "apply_calibration",
     "assign",
@@ -102,5 +106,6 @@ __all__ = [
     "score_analysis",
     "size_report",
     "stack_precisions",
+    "uniform_quantizer",
     "verification_metrics",
 ]

@@ -107,6 +107,13 @@ def default_config() -> ml_collections.ConfigDict:
     # Train the centroids too (gradient: the sum of their members'); a refresh then only
     # re-seeds empty clusters. Off: centroids follow the weights by Lloyd refreshes.
     c.quant.learn_centroids = False
+    # "kmeans": a codebook of 2^b levels fitted by Lloyd per tensor/channel; "uniform": 2^b
+    # evenly spaced levels with a scale (and zero point) per tensor/channel (qwix, AQT).
+    c.quant.method = "kmeans"
+    c.quant.symmetric = False  # uniform: a grid symmetric about 0 (no zero point)
+    c.quant.scale = "mse"  # uniform: "mse" (least-squares scale) or "minmax"
+    # uniform: train the scales (LSQ); a refresh then keeps them, refitting zero points.
+    c.quant.learn_scale = False
     # `sqjax qat` studies: one fine-tuning run per width, with these training settings.
     c.quant.bits_list = (8, 4, 3, 2, 1)
     c.quant.num_steps = 200

@@ -1,18 +1,25 @@
 """Packed export of quantized params: b-bit indices + float32 codebooks, and its size.
 
-File format (version 1): an *uncompressed* NumPy ``.npz`` (a zip of ``.npy`` members,
-stored, so its size is honest) with four members:
+File format (version 2; version 1 files, K-means only, still load): an *uncompressed*
+NumPy ``.npz`` (a zip of ``.npy`` members, stored, so its size is honest) with six
+members:
 
-- ``header``: uint8, UTF-8 JSON ``{"format": "sqjax-packed", "version": 1, "leaves": [...]}``;
+- ``header``: uint8, UTF-8 JSON ``{"format": "sqjax-packed", "version": 2, "leaves": [...]}``;
   one entry per params leaf in flattening order: ``path`` (list of keys, str or int, as in
   ``quant.path_str``), ``shape``, ``dtype`` (of the original leaf), ``bits`` (null for a
   float leaf), ``per_channel``, ``offset`` (byte offset into ``indices``, or element offset
-  into ``floats``), ``codebook_offset`` (element offset into ``codebooks``).
-- ``indices``: uint8, each quantized leaf's nearest-centroid indices as a little-endian
+  into ``floats``). A K-means leaf adds ``codebook_offset`` (element offset into
+  ``codebooks``) and ``codebook_shape``; a uniform-grid leaf (``sqjax.uniform``) adds
+  ``grid: "uniform"``, ``symmetric``, ``groups`` (1, or the channel count),
+  ``scale_offset`` (into ``scales``) and, when asymmetric, ``zero_offset`` (into ``zeros``).
+- ``indices``: uint8, each quantized leaf's nearest-level indices as a little-endian
   bit stream: value i (C order over the leaf's shape) occupies stream bits [i*b, (i+1)*b),
   least significant bit first; stream bit j is bit j % 8 of byte j // 8. Each leaf starts
   on a byte boundary. Any b in 1..8 (3, 5 and 7 included).
-- ``codebooks``: float32, each leaf's sorted codebook, (K,) or row-major (channels, K).
+- ``codebooks``: float32, each K-means leaf's sorted codebook, (K,) or row-major (channels, K).
+- ``scales``: float32, one per uniform grid; ``zeros``: uint8, the zero point of each
+  asymmetric grid. The levels are ``scale * (arange(K) - zero)`` in float32, with
+  ``zero = (K-1)/2`` for a symmetric grid.
 - ``floats``: float32, the float leaves as they are.
 
 ``load_packed`` rebuilds exactly (bit for bit) what ``quantizer.apply`` returns.
@@ -32,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sqjax import quant
+from sqjax import quant, uniform
 from sqjax.tables import format_table
 from sqjax.workdir import atomic_write
 
@@ -45,15 +52,17 @@ __all__ = [
     "size_report",
 ]
 
-_FORMAT, _VERSION = "sqjax-packed", 1
+_FORMAT, _VERSION = "sqjax-packed", 2
+_READS = (1, 2)  # version 2 added uniform grids; K-means leaves are stored as in 1
 
 
 class LeafSize(NamedTuple):
     path: str
     shape: tuple[int, ...]
     bits: int | None  # None: float leaf
-    n_codebooks: int
+    n_codebooks: int  # codebooks or uniform grids
     size: int
+    group_bits: int | None = None  # per grid (scale, zero point); None: a K*32-bit codebook
 
     @property
     def fp32_bytes(self) -> int:
@@ -61,12 +70,13 @@ class LeafSize(NamedTuple):
 
     @property
     def packed_bits(self) -> int:
-        return quant.packed_bits(self.size, self.bits, self.n_codebooks)
+        return quant.packed_bits(self.size, self.bits, self.n_codebooks, self.group_bits)
 
 
 @dataclasses.dataclass(frozen=True)
 class SizeReport:
-    """Per-leaf and total storage: FP32 vs packed (n*b + K*32 per codebook, floats 32n)."""
+    """Per-leaf and total storage: FP32 vs packed (n*b + K*32 per codebook, or 32 per
+    uniform grid's scale + 8 per zero point, floats 32n)."""
 
     leaves: tuple[LeafSize, ...]
     file_bytes: int | None = None  # size on disk, when written by export_packed
@@ -120,24 +130,65 @@ def _index_bits(k: int) -> int:
     return max(1, (k - 1).bit_length())
 
 
+class _Grid(NamedTuple):
+    scales: np.ndarray  # (groups,) float32
+    zeros: np.ndarray  # (groups,) float32; (K-1)/2 when symmetric
+    symmetric: bool
+
+
+def _levels(scales: np.ndarray, zeros: np.ndarray, k: int) -> np.ndarray:
+    """(groups, k) float32 levels, by the one multiply ``uniform.grid_levels`` does."""
+    return scales[:, None] * (np.arange(k, dtype=np.float32)[None, :] - zeros[:, None])
+
+
+def _grid(path: str, cb: np.ndarray, scales, zeros) -> _Grid:
+    k = cb.shape[-1]
+    s = np.asarray(scales, np.float32).reshape(-1)
+    z = np.asarray(zeros, np.float32).reshape(-1)
+    symmetric = bool(np.all(z == (k - 1) / 2))
+    if not symmetric and not np.all((z == np.round(z)) & (z >= 0) & (z <= k - 1)):
+        raise ValueError(
+            f"export_packed: leaf {path!r}: zero points must be integers in [0, {k - 1}], or "
+            f"all {(k - 1) / 2} (symmetric); got {z[:4]}"
+        )
+    if not np.array_equal(_levels(s, z, k).reshape(cb.shape), cb):
+        raise ValueError(
+            f"export_packed: leaf {path!r}: its levels are not scale * (arange(K) - zero); "
+            "refresh the state (quantizer.update, or uniform.with_scales for trained scales)"
+        )
+    return _Grid(s, z, symmetric)
+
+
 def _entries(params, state):
-    """(keypath, leaf, sorted codebook or None) per params leaf."""
+    """(keypath, leaf, sorted codebook or None, uniform _Grid or None) per params leaf."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    cbs = treedef.flatten_up_to(state.codebooks)
+    cbs = [
+        None if cb is None else np.asarray(cb, np.float32)
+        for cb in treedef.flatten_up_to(state.codebooks)
+    ]
+    grids = [None] * len(flat)
+    if isinstance(state, uniform.UniformState):
+        scales, zeros = treedef.flatten_up_to(state.scales), treedef.flatten_up_to(state.zeros)
+        grids = [
+            None if cb is None else _grid(quant.path_str(kp), cb, s, z)
+            for (kp, _), cb, s, z in zip(flat, cbs, scales, zeros)
+        ]
     return [
-        (kp, w, None if cb is None else np.sort(np.asarray(cb, np.float32), axis=-1))
-        for (kp, w), cb in zip(flat, cbs)
+        (kp, w, None if cb is None else np.sort(cb, axis=-1), grid)
+        for (kp, w), cb, grid in zip(flat, cbs, grids)
     ]
 
 
-def size_report(params: Any, state: quant.QuantizerState) -> SizeReport:
-    """Storage per leaf and in total, from params and the quantizer state's codebooks."""
+def size_report(params: Any, state: quant.QuantizerState | uniform.UniformState) -> SizeReport:
+    """Storage per leaf and in total, from params and the quantizer state's codebooks
+    (uniform grids: their scales and zero points)."""
     leaves = []
-    for kp, w, cb in _entries(params, state):
+    for kp, w, cb, grid in _entries(params, state):
         shape = tuple(np.shape(w))
         bits = None if cb is None else _index_bits(cb.shape[-1])
         ncb = 0 if cb is None else (cb.shape[0] if cb.ndim == 2 else 1)
-        leaves.append(LeafSize(quant.path_str(kp), shape, bits, ncb, math.prod(shape)))
+        gb = None if grid is None else uniform.group_bits(grid.symmetric)
+        leaves.append(LeafSize(quant.path_str(kp), shape, bits, ncb, math.prod(shape), gb))
     return SizeReport(tuple(leaves))
 
 
@@ -157,18 +208,19 @@ _indices = jax.jit(quant.codebook_indices)  # the same assignment as apply
 def export_packed(
     path: str | os.PathLike,
     params: Any,
-    state: quant.QuantizerState,
+    state: quant.QuantizerState | uniform.UniformState,
     metadata: dict | None = None,
 ) -> SizeReport:
     """Writes the quantized model (see the module docstring) and returns its SizeReport.
 
     ``state`` is the quantizer state whose codebooks ``quantizer.apply`` would use; it
-    fixes which leaves are quantized, their bit width (log2 K) and granularity.
+    fixes which leaves are quantized, their bit width (log2 K) and granularity. A
+    ``uniform.UniformState`` is stored as scales and zero points, not levels.
     ``metadata`` (JSON-serialisable) is stored in the header; ``read_metadata`` returns it.
     """
-    meta, indices, codebooks, floats = [], [], [], []
-    offs = {"idx": 0, "cb": 0, "fl": 0}
-    for kp, w, cb in _entries(params, state):
+    meta, indices, codebooks, scales, zeros, floats = [], [], [], [], [], []
+    offs = {"idx": 0, "cb": 0, "s": 0, "z": 0, "fl": 0}
+    for kp, w, cb, grid in _entries(params, state):
         dtype = jnp.dtype(w.dtype if hasattr(w, "dtype") else np.asarray(w).dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(
@@ -179,20 +231,26 @@ def export_packed(
             floats.append(np.asarray(w, np.float32).ravel())
             entry.update(bits=None, per_channel=False, offset=offs["fl"])
             offs["fl"] += floats[-1].size
-        else:
-            bits = _index_bits(cb.shape[-1])
-            packed = _pack(np.asarray(_indices(jnp.asarray(w), jnp.asarray(cb))).ravel(), bits)
-            entry.update(
-                bits=bits,
-                per_channel=cb.ndim == 2,
-                offset=offs["idx"],
-                codebook_offset=offs["cb"],
-                codebook_shape=list(cb.shape),
-            )
-            indices.append(packed)
+            meta.append(entry)
+            continue
+        bits = _index_bits(cb.shape[-1])
+        packed = _pack(np.asarray(_indices(jnp.asarray(w), jnp.asarray(cb))).ravel(), bits)
+        entry.update(bits=bits, per_channel=cb.ndim == 2, offset=offs["idx"])
+        indices.append(packed)
+        offs["idx"] += packed.size
+        if grid is None:
+            entry.update(codebook_offset=offs["cb"], codebook_shape=list(cb.shape))
             codebooks.append(cb.ravel())
-            offs["idx"] += packed.size
             offs["cb"] += cb.size
+        else:
+            n = grid.scales.size
+            entry.update(grid="uniform", symmetric=grid.symmetric, groups=n, scale_offset=offs["s"])
+            scales.append(grid.scales)
+            offs["s"] += n
+            if not grid.symmetric:
+                entry.update(zero_offset=offs["z"])
+                zeros.append(grid.zeros)
+                offs["z"] += n
         meta.append(entry)
     header = json.dumps(
         {"format": _FORMAT, "version": _VERSION, "leaves": meta, "metadata": metadata or {}},
@@ -203,6 +261,8 @@ def export_packed(
         "header": np.frombuffer(header.encode(), np.uint8),
         "indices": cat(indices, np.uint8),
         "codebooks": cat(codebooks, np.float32),
+        "scales": cat(scales, np.float32),
+        "zeros": cat(zeros, np.uint8),
         "floats": cat(floats, np.float32),
     }
     atomic_write(path, lambda f: np.savez(f, **arrays))  # savez stores members uncompressed
@@ -211,8 +271,11 @@ def export_packed(
 
 def _read_header(path: str | os.PathLike, z) -> dict:
     header = json.loads(bytes(z["header"]).decode())
-    if header.get("format") != _FORMAT or header.get("version") != _VERSION:
-        raise ValueError(f"{path}: not a {_FORMAT} v{_VERSION} file (header {str(header)[:80]})")
+    if header.get("format") != _FORMAT or header.get("version") not in _READS:
+        raise ValueError(
+            f"{path}: not a {_FORMAT} file of version {' or '.join(map(str, _READS))} "
+            f"(header {str(header)[:80]})"
+        )
     return header
 
 
@@ -232,16 +295,28 @@ def load_packed(path: str | os.PathLike, target: Any = None) -> Any:
     with np.load(os.fspath(path), allow_pickle=False) as z:
         header = _read_header(path, z)
         indices, codebooks, floats = z["indices"], z["codebooks"], z["floats"]
+        # version 1 files have no uniform grids
+        scales = z["scales"] if "scales" in z.files else np.zeros(0, np.float32)
+        zeros = z["zeros"] if "zeros" in z.files else np.zeros(0, np.uint8)
     values = {}
     for e in header["leaves"]:
         shape, n = tuple(e["shape"]), math.prod(e["shape"])
         if e["bits"] is None:
             x = floats[e["offset"] : e["offset"] + n].reshape(shape)
         else:
-            cb_shape = tuple(e["codebook_shape"])
-            cb = codebooks[
-                e["codebook_offset"] : e["codebook_offset"] + math.prod(cb_shape)
-            ].reshape(cb_shape)
+            if e.get("grid") == "uniform":
+                g, k, so = e["groups"], 2 ** e["bits"], e["scale_offset"]
+                if e["symmetric"]:
+                    zs = np.full(g, (k - 1) / 2, np.float32)
+                else:
+                    zs = zeros[e["zero_offset"] : e["zero_offset"] + g].astype(np.float32)
+                cb = _levels(scales[so : so + g], zs, k)
+                cb = cb if e["per_channel"] else cb[0]
+            else:
+                cb_shape = tuple(e["codebook_shape"])
+                cb = codebooks[
+                    e["codebook_offset"] : e["codebook_offset"] + math.prod(cb_shape)
+                ].reshape(cb_shape)
             nbytes = -(-n * e["bits"] // 8)
             idx = _unpack(indices[e["offset"] : e["offset"] + nbytes], e["bits"], n)
             if e["per_channel"]:

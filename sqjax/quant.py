@@ -10,6 +10,8 @@ Like optax, it is a NamedTuple of pure functions::
     qparams = quantizer.apply(params, state)  # nearest-centroid weights; STE gradients
     state = quantizer.update(params, state)  # warm-started Lloyd refresh (jit-able)
 
+``sqjax.uniform.uniform_quantizer`` builds the same tuple for evenly spaced integer grids.
+
 Which leaves are quantized is decided by ``Rule``s (as in qwix): regexes searched in the
 leaf's *path*, first match wins, no match = float. A path joins the pytree keys with "/":
 dict keys and sequence indices as they are, attribute names of dataclass-like nodes, and
@@ -46,6 +48,7 @@ __all__ = [
     "Distortion",
     "KMeansQuantizer",
     "LeafPlan",
+    "Quantizer",
     "QuantizerState",
     "Rule",
     "codebook_indices",
@@ -194,11 +197,18 @@ class LeafPlan(NamedTuple):
         return (self.shape[-1] if self.per_channel else 1) if self.bits is not None else 0
 
 
-def packed_bits(size: int, bits: int | None, n_codebooks: int = 1) -> int:
-    """Storage of one leaf: n*b index bits + K*32 bits per codebook; float leaves 32n."""
+def packed_bits(
+    size: int, bits: int | None, n_codebooks: int = 1, group_bits: int | None = None
+) -> int:
+    """Storage of one leaf: n*b index bits + ``group_bits`` per codebook; float leaves 32n.
+
+    ``group_bits``: what each codebook (group of weights) stores besides the indices;
+    None = K*32, a float32 codebook (K-means). A uniform grid stores its scale and zero
+    point instead (``sqjax.uniform.group_bits``).
+    """
     if bits is None:
         return 32 * size
-    return size * bits + n_codebooks * (2**bits) * 32
+    return size * bits + n_codebooks * ((2**bits) * 32 if group_bits is None else group_bits)
 
 
 def plan(params: Params, rules: Sequence[Rule]) -> list[LeafPlan]:
@@ -347,12 +357,18 @@ class QuantizerState(NamedTuple):
     codebooks: Params  # params-shaped: (K,) / (channels, K) float32, or None (float leaf)
 
 
-class KMeansQuantizer(NamedTuple):
-    init: Callable[[Params], QuantizerState]
-    apply: Callable[[Params, QuantizerState], Params]
-    update: Callable[[Params, QuantizerState], QuantizerState]
+class Quantizer(NamedTuple):
+    """A quantizer as pure functions (``kmeans_quantizer``, ``uniform.uniform_quantizer``);
+    its state is a ``QuantizerState`` or a ``uniform.UniformState``."""
+
+    init: Callable[[Params], Any]
+    apply: Callable[[Params, Any], Params]
+    update: Callable[[Params, Any], Any]
     rules: tuple[Rule, ...]
     plan: Callable[[Params], list[LeafPlan]]
+
+
+KMeansQuantizer = Quantizer  # the name before uniform grids existed
 
 
 def _is_none(x) -> bool:
@@ -376,7 +392,7 @@ def kmeans_quantizer(
     refresh_iters: int = 5,
     learn_centroids: bool = False,
     init: str = "dp",
-) -> KMeansQuantizer:
+) -> Quantizer:
     """K-means quantization of the leaves selected by ``rules`` (first match wins).
 
     Args:
@@ -394,7 +410,7 @@ def kmeans_quantizer(
       init: k-means initialisation for ``init`` (see ``sqjax.kmeans``).
 
     Returns:
-      ``KMeansQuantizer(init, apply, update, rules, plan)``:
+      ``Quantizer(init, apply, update, rules, plan)``:
       - ``init(params) -> QuantizerState``: fits all codebooks in one batched k-means
         call; eager (raises on NaN/inf weights, naming the leaf).
       - ``apply(params, state) -> params``: quantized leaves replaced by their nearest
@@ -454,9 +470,7 @@ def kmeans_quantizer(
 
         return jax.tree.map(q, state.codebooks, params, is_leaf=_is_none)
 
-    return KMeansQuantizer(
-        init_fn, apply_fn, update_fn, rules, functools.partial(plan, rules=rules)
-    )
+    return Quantizer(init_fn, apply_fn, update_fn, rules, functools.partial(plan, rules=rules))
 
 
 # -------------------------------------------------------------------------- conveniences

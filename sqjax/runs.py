@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sqjax import evaluate, export, metrics, prepare, quant, train
+from sqjax import evaluate, export, metrics, prepare, train
 from sqjax import workdir as workdir_lib
 from sqjax.pipeline import CropSampler
 
@@ -250,14 +250,14 @@ def export_workdir(workdir: str | Path, out: str | Path | None = None, bits: int
             )
         qstate = train.build_quantizer(config, bits).init(state.params["encoder"])
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
-    codebooks = {
-        "params": qstate.codebooks,
-        "batch_stats": jax.tree.map(lambda _: None, state.batch_stats),
-    }
+    # Every field of the state (codebooks; a uniform grid's scales and zeros too) over
+    # the whole variables tree: BatchNorm statistics stay float.
+    floats = jax.tree.map(lambda _: None, state.batch_stats)
+    qstate = type(qstate)(*({"params": f, "batch_stats": floats} for f in qstate))
     meta = _model_metadata(config, bits, workdir.absolute())
     meta["step"] = int(state.step)
     path = Path(out) if out else workdir / f"encoder_{bits}bit.npz"
-    return path, export.export_packed(path, variables, quant.QuantizerState(codebooks), meta)
+    return path, export.export_packed(path, variables, qstate, meta)
 
 
 def load_model_file(path: str | Path):

@@ -44,7 +44,7 @@ class TrainState:
     params: Any  # {"encoder": ..., "head": ...}
     batch_stats: Any
     opt_state: Any
-    qstate: Any  # quantizer state (codebooks) in QAT runs, else an empty tuple
+    qstate: Any  # quantizer state (codebooks; uniform: also scales) in QAT runs, else ()
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -136,24 +136,30 @@ def train_step(
     margin: float,
     margin_warmup_steps: int,
     quantizer=None,
-    learn_centroids: bool = False,
+    learn_quantizer: bool = False,
     microbatches: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch ``{"feats": (B, T, F), "labels": (B,)}``.
 
     With a ``quantizer`` the encoder runs on quantized weights and the straight-through
-    gradient updates the latent FP32 weights; with ``learn_centroids`` the optimizer also
-    trains the codebooks (its state then covers ``(params, qstate)``).
+    gradient updates the latent FP32 weights; with ``learn_quantizer`` the optimizer also
+    trains the quantizer's learned values (its state then covers ``(params, learned)``,
+    see ``learned_part``): K-means centroids or uniform-grid scales.
     ``microbatches > 1`` accumulates gradients over batch chunks: XLA:CPU computes conv
     weight gradients faster on small batches. Donate ``state`` when jitting; the step is
     pure.
     """
     m = margin_at(state.step, margin, margin_warmup_steps)
-    learn = quantizer is not None and learn_centroids
-    trainable = (state.params, state.qstate) if learn else state.params
+    learn = quantizer is not None and learn_quantizer
+    trainable = (state.params, learned_part(state.qstate)) if learn else state.params
+
+    def unpack(trainable):  # -> (params, qstate)
+        if not learn:
+            return trainable, state.qstate
+        return trainable[0], with_learned_part(state.qstate, trainable[1])
 
     def loss_fn(trainable, batch_stats, feats, labels):
-        params, qstate = trainable if learn else (trainable, state.qstate)
+        params, qstate = unpack(trainable)
         enc = params["encoder"]
         if quantizer is not None:
             enc = quantizer.apply(enc, qstate)
@@ -193,8 +199,7 @@ def train_step(
         loss, acc = loss / microbatches, acc / microbatches
 
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    trained = optax.apply_updates(trainable, updates)
-    params, qstate = trained if learn else (trained, state.qstate)
+    params, qstate = unpack(optax.apply_updates(trainable, updates))
     new_state = state.replace(
         step=state.step + 1,
         params=params,
@@ -207,17 +212,65 @@ def train_step(
     return new_state, metrics
 
 
-def build_quantizer(config: ml_collections.ConfigDict, bits: int) -> quant.KMeansQuantizer:
-    """The study's quantizer: every encoder kernel at ``bits``, minus keep-float rules."""
-    from sqjax import quant
+def build_quantizer(config: ml_collections.ConfigDict, bits: int) -> quant.Quantizer:
+    """The study's quantizer: every encoder kernel at ``bits``, minus keep-float rules;
+    K-means or a uniform grid (``config.quant.method``)."""
+    from sqjax import quant, uniform
+    from sqjax.config import ConfigError
 
     q = config.quant
     rules = tuple(quant.Rule(p, bits=None) for p in q.keep_float) + (
         quant.Rule(r"kernel$", bits=bits, per_channel=q.per_channel),
     )
-    return quant.kmeans_quantizer(
-        rules, iters=q.iters, refresh_iters=q.refresh_iters, learn_centroids=q.learn_centroids
-    )
+    # .get: runs written before the uniform grid existed have no such keys.
+    method, learn_scale = q.get("method", "kmeans"), q.get("learn_scale", False)
+    if method == "kmeans":
+        if learn_scale:
+            raise ConfigError(
+                "config.quant.learn_scale=True needs config.quant.method='uniform' "
+                "(K-means learns its centroids with config.quant.learn_centroids)"
+            )
+        return quant.kmeans_quantizer(
+            rules, iters=q.iters, refresh_iters=q.refresh_iters, learn_centroids=q.learn_centroids
+        )
+    if method == "uniform":
+        if q.learn_centroids:
+            raise ConfigError(
+                "config.quant.learn_centroids=True needs config.quant.method='kmeans' "
+                "(a uniform grid learns its scales with config.quant.learn_scale)"
+            )
+        scale = q.get("scale", "mse")
+        if scale not in uniform.SCALES:
+            raise ConfigError(
+                f"config.quant.scale={scale!r}: use one of {', '.join(map(repr, uniform.SCALES))}"
+            )
+        return uniform.uniform_quantizer(
+            rules, symmetric=q.get("symmetric", False), scale=scale, learn_scale=learn_scale
+        )
+    raise ConfigError(f"config.quant.method={method!r}: use 'kmeans' or 'uniform'")
+
+
+def learns_quantizer(config: ml_collections.ConfigDict) -> bool:
+    """Whether QAT trains the quantizer's values too (K-means centroids or uniform scales)."""
+    q = config.quant
+    return bool(q.learn_centroids or q.get("learn_scale", False))
+
+
+def learned_part(qstate):
+    """What the optimizer trains of a quantizer state: a K-means state whole (its
+    codebooks), of a uniform state its scales (the levels follow from them)."""
+    from sqjax import uniform
+
+    return qstate.scales if isinstance(qstate, uniform.UniformState) else qstate
+
+
+def with_learned_part(qstate, learned):
+    """``qstate`` with its trained part replaced (``learned_part``'s inverse)."""
+    from sqjax import uniform
+
+    if isinstance(qstate, uniform.UniformState):
+        return uniform.with_scales(qstate, learned)
+    return learned
 
 
 def _check_init(init: TrainState, state: TrainState) -> None:
@@ -282,7 +335,7 @@ def train(
                 _check_init(fp32, state)
                 state = state.replace(params=fp32.params, batch_stats=fp32.batch_stats)
             # Fitted to the FP32 start, or a restore template for the checkpoint's codebooks.
-            state = with_codebooks(state, quantizer, tx, q.learn_centroids)
+            state = with_codebooks(state, quantizer, tx, learns_quantizer(config))
         if start is not None:
             log.info("resuming %s from step %d", workdir, start)
             state = workdir_lib.restore(mngr, start, state, replicated)
@@ -298,7 +351,7 @@ def train(
                 margin=config.head.margin,
                 margin_warmup_steps=config.head.margin_warmup_steps,
                 quantizer=quantizer,
-                learn_centroids=q.learn_centroids,
+                learn_quantizer=learns_quantizer(config),
                 microbatches=t.microbatches,
             ),
             in_shardings=(replicated, batch_sharding),
@@ -373,20 +426,16 @@ def state_template(config: ml_collections.ConfigDict) -> tuple[TrainState, Any]:
     quantizer = None
     if config.quant.bits:
         quantizer = build_quantizer(config, config.quant.bits)
-        state = with_codebooks(
-            state, quantizer, make_optimizer(config), config.quant.learn_centroids
-        )
+        state = with_codebooks(state, quantizer, make_optimizer(config), learns_quantizer(config))
     return state, quantizer
 
 
-def with_codebooks(
-    state: TrainState, quantizer: quant.KMeansQuantizer, tx, learn_centroids: bool
-) -> TrainState:
-    """``state`` with codebooks fitted to its encoder weights; when the codebooks are
-    learned, the optimizer state covers them too (fresh moments)."""
+def with_codebooks(state: TrainState, quantizer: quant.Quantizer, tx, learn: bool) -> TrainState:
+    """``state`` with codebooks (uniform: grids) fitted to its encoder weights; when they
+    are learned (``learned_part``), the optimizer state covers them too (fresh moments)."""
     state = state.replace(qstate=quantizer.init(state.params["encoder"]))
-    if learn_centroids:
-        state = state.replace(opt_state=tx.init((state.params, state.qstate)))
+    if learn:
+        state = state.replace(opt_state=tx.init((state.params, learned_part(state.qstate))))
     return state
 
 

@@ -1,5 +1,6 @@
 """sqjax.export: bit-exact round trip, honest sizes, atomic writes."""
 
+import json
 import os
 
 import jax
@@ -127,3 +128,25 @@ def test_rejects_foreign_files(tmp_path):
     np.savez(tmp_path / "other.npz", header=np.frombuffer(b'{"format": "x"}', np.uint8))
     with pytest.raises(ValueError, match="not a sqjax-packed"):
         export.load_packed(tmp_path / "other.npz")
+
+
+def test_version_1_files_still_load(exported, tmp_path):
+    """A file written before uniform grids (version 1: no scales/zeros members) loads as
+    before; the K-means layout did not change."""
+    params, _, _, path, _ = exported
+    with np.load(path) as z:
+        header = json.loads(bytes(z["header"]).decode())
+        assert header["version"] == 2
+        members = {k: z[k] for k in ("indices", "codebooks", "floats")}
+    header["version"] = 1
+    old = tmp_path / "v1.npz"  # np.savez appends .npz to other names
+    np.savez(old, header=np.frombuffer(json.dumps(header).encode(), np.uint8), **members)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+        export.load_packed(old, target=params),
+        export.load_packed(path, target=params),
+    )
+    header["version"] = 3
+    np.savez(old, header=np.frombuffer(json.dumps(header).encode(), np.uint8), **members)
+    with pytest.raises(ValueError, match="version 1 or 2"):
+        export.load_packed(old)

@@ -123,6 +123,14 @@ def test_plan_sizes():
     assert quant.packed_bits(p.size, p.bits, p.n_codebooks) == 60 * 3 + 6 * 8 * 32
 
 
+def test_packed_bits_of_codebooks_and_grids_by_hand():
+    assert quant.packed_bits(100, 3) == 300 + 8 * 32  # one float32 codebook of 8
+    assert quant.packed_bits(100, 3, 4) == 300 + 4 * 8 * 32
+    assert quant.packed_bits(100, 3, 4, group_bits=40) == 300 + 4 * 40  # scale + zero point
+    assert quant.packed_bits(100, None, 4, group_bits=40) == 3200
+    assert quant.KMeansQuantizer is quant.Quantizer  # the old name still works
+
+
 def test_paths_for_linen_nnx_and_plain_dicts():
     class Linen(nn.Module):
         @nn.compact
