@@ -196,6 +196,23 @@ def cmd_layers(args, overrides) -> None:
     print(f"\nwrote {out}/layers.csv, layer_analysis.json, figures/")
 
 
+def cmd_grids(args, overrides) -> None:
+    from sqjax import study
+
+    result = study.compare_grids(
+        args.workdir,
+        args.bits,
+        args.out or None,
+        qat_studies=args.qat,
+        symmetric=args.symmetric,
+        scale=args.scale,
+        **_trials(args, cal=False),
+    )
+    out = Path(args.out or Path(args.workdir) / "grids")
+    print(study.format_grids(result))
+    print(f"\nwrote {out}/grids.csv, grids.json, figures/grids.png")
+
+
 def cmd_cascade(args, overrides) -> None:
     from sqjax import study
 
@@ -251,21 +268,21 @@ def cmd_synth(args, overrides) -> None:
     print(f"corpus in {root}: train/, dev/, test/ (Kaldi data dirs with trials)")
 
 
-def _trial_args(p: argparse.ArgumentParser, cal: str = "the calibration trials") -> None:
+def _trial_args(p: argparse.ArgumentParser, cal: str | None = "the calibration trials") -> None:
+    """--data/--trials, and --cal-data/--cal-trials unless ``cal`` is None."""
     p.add_argument("--data", default="", help="data dir of other test trials")
     p.add_argument("--trials", default="", help="trial list in --data")
-    p.add_argument("--cal-data", default="", help=f"data dir of {cal}")
-    p.add_argument("--cal-trials", default="", help="trial list in --cal-data")
+    if cal is not None:
+        p.add_argument("--cal-data", default="", help=f"data dir of {cal}")
+        p.add_argument("--cal-trials", default="", help="trial list in --cal-data")
 
 
-def _trials(args) -> dict:
-    """The test and calibration trial options as keyword arguments of the analyses."""
-    return {
-        "data": args.data,
-        "trials": args.trials,
-        "cal_data": args.cal_data,
-        "cal_trials": args.cal_trials,
-    }
+def _trials(args, cal: bool = True) -> dict:
+    """The test (and calibration) trial options as keyword arguments of the analyses."""
+    out = {"data": args.data, "trials": args.trials}
+    if cal:
+        out.update(cal_data=args.cal_data, cal_trials=args.cal_trials)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,6 +379,25 @@ def build_parser() -> argparse.ArgumentParser:
     ly.add_argument("--top", type=int, default=10, help="layers shown in the printed table")
     ly.add_argument("--out", default="", help="output dir (default: STUDY_OR_RUN/layers)")
     ly.set_defaults(fn=cmd_layers)
+
+    g = sub.add_parser(
+        "grids", help="K-means against uniform integer grids, per tensor and per channel"
+    )
+    g.add_argument("--workdir", required=True, help="an FP32 run (PTQ of it with each method)")
+    g.add_argument(
+        "--bits", type=_bits_list, default=(1, 2, 3, 4, 8), help="PTQ widths (default 1,2,3,4,8)"
+    )
+    g.add_argument(
+        "--qat",
+        action="append",
+        default=[],
+        help="a `sqjax qat` study to add as QAT rows (repeatable; its config names the method)",
+    )
+    g.add_argument("--symmetric", action="store_true", help="uniform grid symmetric about 0")
+    g.add_argument("--scale", choices=("mse", "minmax"), default="mse", help="uniform scale")
+    _trial_args(g, cal=None)
+    g.add_argument("--out", default="", help="output dir (default: RUN/grids)")
+    g.set_defaults(fn=cmd_grids)
 
     c = sub.add_parser(
         "cascade", help="calibrated multi-precision cascade: tau on calibration, cost account"

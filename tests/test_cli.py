@@ -4,6 +4,7 @@ import io
 import json
 from pathlib import Path
 
+import jax
 import pytest
 
 from sqjax import cli, evaluate, prepare, runs
@@ -298,3 +299,45 @@ def test_cascade_of_a_run(trained, capsys):
     with pytest.raises(SystemExit):
         cli.main(["cascade", "--workdir", str(workdir), "--stages", "4,2"])
     assert "--stages" in capsys.readouterr().err
+
+
+def test_grids_compares_kmeans_and_uniform_by_hand(trained, tmp_path, capsys):
+    """`sqjax grids`: one row per method, granularity and width; the uniform per-tensor
+    2-bit row checked against a quantizer built by hand, scored alone, its distortion by
+    NumPy and its size counted by hand; K-means never distorts more than the grid."""
+    import numpy as np
+
+    from sqjax import metrics, quant, uniform_quantizer
+
+    workdir, _, _ = trained
+    cli.main(["grids", "--workdir", str(workdir), "--bits", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "uniform per channel" in out and "K-means has the lower EER" in out
+    result = json.loads((tmp_path / "grids.json").read_text())
+    assert (tmp_path / "figures" / "grids.png").stat().st_size > 10_000
+    assert len((tmp_path / "grids.csv").read_text().splitlines()) == 1 + 4
+    rows = {(r["method"], r["per_channel"], r["bits"]): r for r in result["rows"]}
+    assert len(rows) == 4
+    for pc in (False, True):
+        assert rows["kmeans", pc, 2]["distortion"] <= rows["uniform", pc, 2]["distortion"]
+
+    config, state, _ = runs.restore_run(workdir)
+    assert tuple(config.quant.keep_float) == ()
+    params = state.params["encoder"]
+    q = uniform_quantizer((quant.Rule("kernel$", 2),), scale="mse")
+    qparams = q.apply(params, q.init(params))
+    split = prepare.test_data(config)
+    scores = runs.score_variables(
+        config, {"params": qparams, "batch_stats": state.batch_stats}, split
+    )
+    row = rows["uniform", False, 2]
+    assert row["eer"] == pytest.approx(metrics.eer(scores, split.trials.labels)[0], abs=1e-9)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    kernels = [(np.asarray(w, np.float64), np.asarray(v, np.float64))
+               for (kp, w), v in zip(flat, jax.tree.leaves(qparams))
+               if quant.path_str(kp).endswith("kernel")]  # fmt: skip
+    err = sum(np.sum((w - v) ** 2) for w, v in kernels) / sum(np.sum(w**2) for w, _ in kernels)
+    assert row["distortion"] == pytest.approx(err, rel=1e-9)
+    bits = sum(w.size * 2 + 32 + 8 for w, _ in kernels)  # indices, scale, zero point
+    bits += 32 * sum(np.size(w) for kp, w in flat if not quant.path_str(kp).endswith("kernel"))
+    assert row["bytes"] == round(bits / 8)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 from scipy.stats import norm
 
 from sqjax import metrics
@@ -343,4 +344,38 @@ def plot_cascade_escalations(distance, stage, names: Sequence[str], path, bins: 
     ax.set_ylabel("trials")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_grids(result: Mapping, path) -> Path:
+    """EER and weight distortion against bits (``study.compare_grids``): one curve per
+    method and granularity, PTQ solid, QAT dashed; FP32's EER as a line."""
+    fig = Figure(figsize=(10, 4), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 2)
+    styles = {("kmeans", False): "C0", ("kmeans", True): "C1", ("uniform", False): "C2",
+              ("uniform", True): "C3"}  # fmt: skip
+    for mode, ls in (("ptq", "-"), ("qat", "--")):
+        for (method, pc), color in styles.items():
+            rows = sorted(
+                (r for r in result["rows"]
+                 if r["mode"] == mode and r["method"] == method and r["per_channel"] == pc),
+                key=lambda r: r["bits"],
+            )  # fmt: skip
+            if not rows:
+                continue
+            bits = [r["bits"] for r in rows]
+            label = f"{mode.upper()} {method} per {'channel' if pc else 'tensor'}"
+            axes[0].plot(bits, [100 * r["eer"] for r in rows], "o" + ls, color=color, label=label)
+            axes[1].plot(bits, [r["distortion"] for r in rows], "o" + ls, color=color, label=label)
+    axes[0].axhline(100 * result["fp32"]["eer"], color="k", lw=0.8, ls=":", label="FP32")
+    axes[0].set_ylabel("test EER (%)")
+    axes[0].set_yscale("log")
+    axes[0].yaxis.set_major_formatter(ScalarFormatter())
+    axes[0].yaxis.set_minor_formatter(ScalarFormatter())
+    axes[1].set_ylabel("||W - Q||^2 / ||W||^2")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("weight bits")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
     return _save(fig, path)
