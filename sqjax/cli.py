@@ -197,13 +197,19 @@ def cmd_layers(args, overrides) -> None:
 
 
 def cmd_grids(args, overrides) -> None:
+    from sqjax import config as config_lib
     from sqjax import study
+
+    if args.qat_config and not args.qat_bits:
+        raise ValueError("--qat-config sets the QAT runs of --qat-bits: give --qat-bits too")
 
     result = study.compare_grids(
         args.workdir,
         args.bits,
         args.out or None,
         qat_studies=args.qat,
+        qat_bits=args.qat_bits,
+        qat_config=config_lib.load_config(args.qat_config, overrides) if args.qat_config else None,
         symmetric=args.symmetric,
         scale=args.scale,
         **_trials(args, cal=False),
@@ -392,6 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="a `sqjax qat` study to add as QAT rows (repeatable; its config names the method)",
+    )
+    g.add_argument(
+        "--qat-bits",
+        type=_bits_list,
+        default=(),
+        help="also run QAT at these widths with each method (into OUT/qat/)",
+    )
+    g.add_argument(
+        "--qat-config",
+        default="",
+        help="config of those QAT runs' settings, e.g. configs/qat_demo.py (default: the run's)",
     )
     g.add_argument("--symmetric", action="store_true", help="uniform grid symmetric about 0")
     g.add_argument("--scale", choices=("mse", "minmax"), default="mse", help="uniform scale")

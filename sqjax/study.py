@@ -633,6 +633,8 @@ def compare_grids(
     out: str | Path | None = None,
     *,
     qat_studies: Sequence[str | Path] = (),
+    qat_bits: Sequence[int] = (),
+    qat_config: ml_collections.ConfigDict | None = None,
     symmetric: bool = False,
     scale: str = "mse",
     data: str = "",
@@ -642,6 +644,9 @@ def compare_grids(
     channel: PTQ of the FP32 run ``workdir`` with each of ``GRID_METHODS`` at each width
     of ``bits_list`` (uniform: ``symmetric``, ``scale``), and the QAT runs of each
     ``sqjax qat`` study in ``qat_studies`` (its config names its method and granularity).
+    With ``qat_bits``, QAT studies at those widths are first run (or resumed) from
+    ``workdir`` with each of ``GRID_METHODS``, into ``<out>/qat/<method>_per_<tensor|
+    channel>``, with the QAT settings of ``qat_config`` (default: the run's config).
 
     Every model is scored in one all-precision pass. Per row: test EER and minDCF@0.01,
     the weight distortion against the FP32 weights (``sum ||W - Q||^2 / sum ||W||^2``
@@ -661,6 +666,16 @@ def compare_grids(
     config = _with_data(config, data, trials)
     fp32 = evaluate.encoder_variables(state)
     params = fp32["params"]
+    out = Path(out) if out else Path(workdir) / "grids"
+    qat_studies = list(qat_studies)
+    for method, per_channel in GRID_METHODS if qat_bits else ():
+        c = ml_collections.ConfigDict((qat_config or config).to_dict())
+        c.quant.method, c.quant.per_channel = method, per_channel
+        c.quant.symmetric, c.quant.scale = symmetric, scale
+        c.quant.init_from, c.quant.bits_list = str(workdir), tuple(qat_bits)
+        qat_studies.append(out / "qat" / grid_label(method, per_channel).replace(" ", "_"))
+        log.info("grids: QAT %s at %s bits", grid_label(method, per_channel), qat_bits)
+        quantization_study(c, qat_studies[-1])
     models_, rows = {"fp32": fp32}, []
     for method, per_channel in GRID_METHODS:
         c = ml_collections.ConfigDict(config.to_dict())
@@ -701,7 +716,6 @@ def compare_grids(
         "uniform": {"symmetric": symmetric, "scale": scale},
         "trials": {"data": config.data.test, "trials": config.data.test_trials},
     }
-    out = Path(out) if out else Path(workdir) / "grids"
     if jax.process_index() == 0:
         atomic_write(out / "grids.csv", _csv(rows, GRID_CSV_COLUMNS))
         plots.plot_grids(result, out / "figures" / "grids.png")

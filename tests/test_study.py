@@ -189,3 +189,22 @@ def test_killed_study_resumes_to_the_same_report(tiny_study, tiny_config, tmp_pa
     assert got["rows"] == want["rows"]
     assert got["cascade"] == want["cascade"]
     assert [c["evidence"] for c in got["claims"]] == [c["evidence"] for c in want["claims"]]
+
+
+def test_grids_takes_a_qat_study_as_rows(tiny_study, tmp_path):
+    """`compare_grids` with a QAT study and no PTQ widths: one row per QAT run, its EER
+    the one the run's own evaluation wrote (another code path: one model, not the
+    all-precision pass), its packed size and distortion present."""
+    workdir, _ = tiny_study
+    result = study.compare_grids(workdir / "fp32", (), tmp_path, qat_studies=[workdir])
+    (row,) = result["rows"]
+    assert (row["mode"], row["method"], row["per_channel"], row["bits"]) == (
+        "qat",
+        "kmeans",
+        False,
+        2,
+    )
+    own = json.loads((workdir / "2bit" / "metrics_test.json").read_text())
+    assert row["eer"] == pytest.approx(own["eer"], abs=1e-9)
+    assert 0 < row["distortion"] < 1 and 0 < row["bytes"] < result["fp32"]["bytes"]
+    assert "QAT" in study.format_grids(result)
