@@ -739,6 +739,22 @@ def _grid_row(mode, method, per_channel, bits, name, size) -> dict:
     }
 
 
+def _grid_verdict(diffs: Sequence[tuple[int, float]]) -> str:
+    """Where K-means, the uniform grid, or neither has the lower EER; diffs are
+    (bits, uniform EER - K-means EER)."""
+
+    def at(sel):
+        return ", ".join(f"{b} bits ({d * 100:+.2f})" for b, d in diffs if sel(d)) or "no width"
+
+    text = (
+        f"uniform minus K-means EER in points: K-means lower at {at(lambda d: d > 1e-9)}; "
+        f"the uniform grid lower at {at(lambda d: d < -1e-9)}"
+    )
+    if any(abs(d) <= 1e-9 for _, d in diffs):
+        text += f"; equal at {at(lambda d: abs(d) <= 1e-9)}"
+    return text
+
+
 def format_grids(result: dict) -> str:
     """One table, bits down and method x granularity across: EER, distortion and size,
     PTQ then QAT; and where K-means beats the uniform grid."""
@@ -772,13 +788,7 @@ def format_grids(result: dict) -> str:
                 if ("uniform", pc, b) in by and ("kmeans", pc, b) in by
             ]
             if diffs:
-                better = [f"{b} bits ({d * 100:+.2f})" for b, d in diffs if d > 0]
-                worse = [f"{b} bits ({d * 100:+.2f})" for b, d in diffs if d <= 0]
-                lines.append(
-                    f"{mode.upper()} {gran}: K-means has the lower EER at "
-                    f"{', '.join(better) or 'no width'}; not at {', '.join(worse) or 'any width'}"
-                    " (uniform minus K-means EER, points)"
-                )
+                lines.append(f"{mode.upper()} {gran}: {_grid_verdict(diffs)}")
     return "\n".join(lines)
 
 
