@@ -697,6 +697,8 @@ def compare_grids(
             rc, st, qz = runs.restore_run(sub)
             method = rc.quant.get("method", "kmeans")
             name = f"qat {grid_label(method, rc.quant.per_channel)} {sub.name}"
+            if name in models_:  # two studies of one method: tell them apart by directory
+                name = f"{name} ({sub})"
             models_[name] = evaluate.encoder_variables(st, qz)
             size = export.size_report(st.params["encoder"], st.qstate).packed_bytes
             rows.append(_grid_row("qat", method, rc.quant.per_channel, rc.quant.bits, name, size))
@@ -707,7 +709,7 @@ def compare_grids(
     values = [
         (metrics.eer(s, labels)[0], metrics.min_dcf(s, labels, p_target=0.01)[0]) for s in scores
     ]
-    for row, (e, d) in zip(rows, values[1:]):
+    for row, (e, d) in zip(rows, values[1:], strict=True):
         row["eer"], row["min_dcf"] = float(e), float(d)
     fp32_bytes = 4 * sum(int(np.size(x)) for x in jax.tree.leaves(params))
     result = {

@@ -208,3 +208,33 @@ def test_grids_takes_a_qat_study_as_rows(tiny_study, tmp_path):
     assert row["eer"] == pytest.approx(own["eer"], abs=1e-9)
     assert 0 < row["distortion"] < 1 and 0 < row["bytes"] < result["fp32"]["bytes"]
     assert "QAT" in study.format_grids(result)
+
+
+def test_grids_qat_bits_runs_one_qat_study_per_method(tiny_study, tmp_path, monkeypatch):
+    """--qat-bits: one `quantization_study` per method and granularity, from the FP32 run,
+    at those widths, into OUT/qat/<method>_per_<tensor|channel>; their runs become rows.
+    (The study itself is stubbed by a copy of the tiny study's 2-bit run.)"""
+    import shutil
+
+    workdir, _ = tiny_study
+    calls = []
+
+    def fake_study(config, out):
+        calls.append((config.quant.method, config.quant.per_channel, out.name))
+        assert config.quant.init_from == str(workdir / "fp32")
+        assert tuple(config.quant.bits_list) == (2,) and config.quant.num_steps == 5
+        shutil.copytree(workdir / "2bit", out / "2bit")
+
+    monkeypatch.setattr(study, "quantization_study", fake_study)
+    qat_config = study.runs.restore_run(workdir / "fp32")[0]
+    qat_config.quant.num_steps = 5
+    result = study.compare_grids(
+        workdir / "fp32", (), tmp_path, qat_bits=(2,), qat_config=qat_config
+    )
+    assert calls == [
+        ("kmeans", False, "kmeans_per_tensor"),
+        ("kmeans", True, "kmeans_per_channel"),
+        ("uniform", False, "uniform_per_tensor"),
+        ("uniform", True, "uniform_per_channel"),
+    ]
+    assert len(result["rows"]) == 4 and {r["mode"] for r in result["rows"]} == {"qat"}
