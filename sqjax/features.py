@@ -1,15 +1,21 @@
-"""Log-mel filterbank features, with an optional per-utterance on-disk cache.
+"""Log-mel filterbank features of two kinds, with an optional per-utterance on-disk cache.
 
-Framing follows librosa with ``center=False``: frame t is ``n_fft`` samples starting at
-``t * hop``, with the Hann window of ``win`` samples centred in it, so an utterance of
-``n`` samples gives ``1 + (n - n_fft) // hop`` frames (no padding, as Kaldi's
-``snip_edges``). Mel filters are librosa's defaults (Slaney scale and area norm, 0 to
-sample_rate / 2). These choices are ours, not the paper's; Kaldi/WeSpeaker fbanks (Povey
-window, pre-emphasis, dither, HTK mel) differ in detail.
+``kind="logmel"`` (``logmel``, the default): framing follows librosa with
+``center=False``: frame t is ``n_fft`` samples starting at ``t * hop``, with the Hann
+window of ``win`` samples centred in it, so an utterance of ``n`` samples gives
+``1 + (n - n_fft) // hop`` frames (no padding, as Kaldi's ``snip_edges``). Mel filters are
+librosa's defaults (Slaney scale and area norm, 0 to sample_rate / 2). These choices are
+ours, not the paper's.
+
+``kind="kaldi"`` (``kaldi_fbank``): Kaldi's ``compute-fbank-feats`` as WeSpeaker calls it
+(int16-scaled input, DC removal, pre-emphasis 0.97, Hamming window, HTK-style mel banks
+from 20 Hz, log floored at float32 eps, no dither), so ``1 + (n - win) // hop`` frames.
+Both subtract each bin's mean over time by default (WeSpeaker's CMN).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -52,17 +58,8 @@ def logmel(
       (frames, n_mels) float32 ``log(mel power + 1e-6)``, frames = 1 + (samples - n_fft) // hop
       (n_fft = 512, hop = 160 at 16 kHz).
     """
-    wave = np.asarray(wave, dtype=np.float32)
-    if wave.ndim != 1:
-        raise ValueError(
-            f"wave must be 1-D mono (samples,), got shape {wave.shape}; average the channels first"
-        )
     n_fft, win, hop = _frame_params(sample_rate, win_ms, hop_ms)
-    if len(wave) < n_fft:
-        raise ValueError(
-            f"wave has {len(wave)} samples, fewer than one frame ({n_fft} samples "
-            f"at {sample_rate} Hz); pass a longer wave"
-        )
+    wave = _check_wave(wave, n_fft, sample_rate)
     mel = librosa.feature.melspectrogram(
         y=wave,
         sr=sample_rate,
@@ -78,6 +75,98 @@ def logmel(
     if mean_norm:
         feats = feats - feats.mean(axis=0, keepdims=True)
     return feats.astype(np.float32)
+
+
+def _check_wave(wave: np.ndarray, frame_length: int, sample_rate: int) -> np.ndarray:
+    """wave as float32 (samples,); ValueError if it is not 1-D or shorter than one frame."""
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim != 1:
+        raise ValueError(
+            f"wave must be 1-D mono (samples,), got shape {wave.shape}; average the channels first"
+        )
+    if len(wave) < frame_length:
+        raise ValueError(
+            f"wave has {len(wave)} samples, fewer than one frame ({frame_length} samples "
+            f"at {sample_rate} Hz); pass a longer wave"
+        )
+    return wave
+
+
+@functools.lru_cache(maxsize=8)
+def _kaldi_mel_banks(n_mels: int, padded: int, sample_rate: int) -> np.ndarray:
+    """(padded // 2, n_mels) Kaldi mel triangles, 20 Hz to Nyquist, on FFT bins 0..padded/2-1.
+
+    The triangles are linear in mel (1127 ln(1 + f / 700)), not in Hz, and unnormalised;
+    Kaldi leaves out the Nyquist bin.
+    """
+
+    def mel(f):
+        return 1127.0 * np.log1p(np.asarray(f, dtype=np.float64) / 700.0)
+
+    low, high = mel(20.0), mel(sample_rate / 2)
+    delta = (high - low) / (n_mels + 1)
+    left = low + delta * np.arange(n_mels)  # (n_mels,)
+    center, right = left + delta, left + 2 * delta
+    bins = mel(np.arange(padded // 2) * sample_rate / padded)[:, None]  # (padded // 2, 1)
+    up = (bins - left) / (center - left)
+    down = (right - bins) / (right - center)
+    weights = np.where(bins <= center, up, down)
+    return np.where((bins > left) & (bins < right), weights, 0.0)
+
+
+def kaldi_fbank(
+    wave: np.ndarray,
+    sample_rate: int = 16000,
+    n_mels: int = 80,
+    win_ms: float = 25.0,
+    hop_ms: float = 10.0,
+    mean_norm: bool = True,
+) -> np.ndarray:
+    """Kaldi log-mel filterbank of one utterance, as WeSpeaker computes it.
+
+    Matches ``compute-fbank-feats`` / ``torchaudio.compliance.kaldi.fbank`` with
+    WeSpeaker's options: the wave is scaled to int16 range (x 32768); frames of ``win``
+    samples every ``hop`` (400 / 160 at 16 kHz) with ``snip_edges`` (no padding); dither 0
+    (test-time features must be deterministic, and they are cached); per-frame DC offset
+    removal; pre-emphasis 0.97 (the first sample against itself); Hamming window
+    ``0.54 - 0.46 cos(2 pi n / (win - 1))``; zero-padded to the next power of two; power
+    spectrum; Kaldi mel banks (see ``_kaldi_mel_banks``); no energy term;
+    ``log(max(e, float32 eps))``.
+
+    Args:
+      wave: (samples,) mono audio in [-1, 1] at ``sample_rate``.
+      mean_norm: subtract each mel bin's mean over time (WeSpeaker's CMN, no variance norm).
+
+    Returns:
+      (frames, n_mels) float32, frames = 1 + (samples - win) // hop.
+    """
+    padded, win, hop = _frame_params(sample_rate, win_ms, hop_ms)
+    wave = _check_wave(wave, win, sample_rate).astype(np.float64) * 32768.0
+    frames = np.lib.stride_tricks.sliding_window_view(wave, win)[::hop]  # (frames, win)
+    frames = frames - frames.mean(axis=1, keepdims=True)
+    previous = np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)
+    frames = frames - 0.97 * previous
+    frames = frames * (0.54 - 0.46 * np.cos(2 * np.pi * np.arange(win) / (win - 1)))
+    spectrum = np.fft.rfft(frames, n=padded, axis=1)[:, : padded // 2]  # no Nyquist bin
+    power = spectrum.real**2 + spectrum.imag**2
+    energies = power @ _kaldi_mel_banks(n_mels, padded, sample_rate)  # (frames, n_mels)
+    feats = np.log(np.maximum(energies, np.finfo(np.float32).eps))
+    if mean_norm:
+        feats = feats - feats.mean(axis=0, keepdims=True)
+    return feats.astype(np.float32)
+
+
+_EXTRACTORS = {"logmel": logmel, "kaldi": kaldi_fbank}
+
+
+def _frame_samples(params: dict) -> tuple[int, int]:
+    """(frame length, hop) in samples of the feature kind in ``params``.
+
+    A frame spans n_fft samples in librosa's ``center=False`` framing, the window itself
+    in Kaldi's.
+    """
+    n_fft, win, hop = _frame_params(params["sample_rate"], params["win_ms"], params["hop_ms"])
+    return (win if params.get("kind", "logmel") == "kaldi" else n_fft), hop
 
 
 def _cache_file(cache_dir: str, utt: str, path: str, params: dict) -> str:
@@ -117,7 +206,12 @@ def _prepare_cache(cache_dir: str, params: dict) -> None:
             except json.JSONDecodeError as err:
                 raise DataError(f"{meta}: not valid JSON ({err}); delete the cache dir") from err
         if old != params:
-            diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
+            # Over the keys of both: "kind" is absent from one side when it is "logmel".
+            diff = {
+                k: (old.get(k), params.get(k))
+                for k in sorted(old.keys() | params.keys())
+                if old.get(k) != params.get(k)
+            }
             raise DataError(
                 f"{meta}: cached features were made with other parameters "
                 f"(cached, requested): {diff}; use another cache_dir or delete "
@@ -143,9 +237,9 @@ def _one_utterance(job: tuple) -> np.ndarray:
             ) from err
         # Cached features passed min_seconds when written; recheck at frame resolution for
         # a stricter call (an utterance within one hop of the limit can slip through).
-        n_fft, _, hop = _frame_params(params["sample_rate"], params["win_ms"], params["hop_ms"])
+        frame, hop = _frame_samples(params)
         min_samples = math.ceil(min_seconds * params["sample_rate"])
-        if min_samples > n_fft and feats.shape[0] < 1 + (min_samples - n_fft) // hop:
+        if min_samples > frame and feats.shape[0] < 1 + (min_samples - frame) // hop:
             raise DataError(
                 f"{path}: {feats.shape[0]} frames cached in {cache_file}, shorter "
                 f"than min_seconds={min_seconds}; drop short utterances or lower "
@@ -153,12 +247,12 @@ def _one_utterance(job: tuple) -> np.ndarray:
             )
         return feats
     wave = load_audio(path, params["sample_rate"], min_seconds)
-    n_fft = _frame_params(params["sample_rate"], params["win_ms"], params["hop_ms"])[0]
-    if len(wave) < n_fft:
+    frame = _frame_samples(params)[0]
+    if len(wave) < frame:
         raise DataError(
-            f"{path}: {len(wave)} samples, fewer than one frame ({n_fft}); drop it from the corpus"
+            f"{path}: {len(wave)} samples, fewer than one frame ({frame}); drop it from the corpus"
         )
-    feats = logmel(
+    feats = _EXTRACTORS[params.get("kind", "logmel")](
         wave,
         params["sample_rate"],
         params["n_mels"],
@@ -177,6 +271,7 @@ def extract_features(
     sample_rate: int = 16000,
     n_mels: int = 80,
     mean_norm: bool = True,
+    kind: str = "logmel",
     cache_dir: str | os.PathLike | None = None,
     min_seconds: float = 0.0,
     workers: int = 1,
@@ -185,6 +280,7 @@ def extract_features(
     """Log-mel features of every utterance of a corpus.
 
     Args:
+      kind: ``"logmel"`` (``logmel``) or ``"kaldi"`` (``kaldi_fbank``, WeSpeaker's).
       cache_dir: if set, ``meta.json`` holding the feature parameters plus one
         ``<2 hex>/<utt tail>-<16 hex>.npy`` per utterance, keyed by the resolved audio
         path, its size and mtime_ns and the parameters (see ``_cache_file``). Entries are
@@ -205,6 +301,13 @@ def extract_features(
         "hop_ms": 10.0,
         "mean_norm": mean_norm,
     }
+    if kind not in _EXTRACTORS:
+        raise ValueError(
+            f"features.kind must be one of {sorted(_EXTRACTORS)}, got {kind!r}; fix the config"
+        )
+    if kind != "logmel":
+        # Only when set, so the meta.json of caches made before kinds existed stays valid.
+        params["kind"] = kind
     if cache_dir is not None:
         cache_dir = os.fspath(cache_dir)
         _prepare_cache(cache_dir, params)
