@@ -72,7 +72,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.n_mels = 80
     c.model.embed_dim = 256
     c.model.width = 0  # 0 = the preset's width
+    c.model.stage_sizes = ()  # () = the preset's blocks per stage, e.g. (3, 4, 6, 3)
     c.model.dtype = "float32"  # computation dtype; "bfloat16" on GPU/TPU
+    # Statistics pooling's std: sqrt(var + pool_eps), var with pool_ddof (0 biased, 1
+    # unbiased). WeSpeaker's models (sqjax import-wespeaker): 1 and 1e-7.
+    c.model.pool_ddof = 0
+    c.model.pool_eps = 1e-5
+
+    c.features = ml_collections.ConfigDict()
+    # "logmel": librosa log-mel (ours; Hann window, Slaney mel). "kaldi": Kaldi fbank as
+    # WeSpeaker computes it (hamming window, pre-emphasis, HTK-style mel, int16 scale).
+    c.features.kind = "logmel"
 
     c.head = ml_collections.ConfigDict()
     c.head.scale = 32.0

@@ -24,7 +24,8 @@ import optax
 _PAD3 = ((1, 1), (1, 1))
 # Added to the variance before the square root in statistics pooling: keeps the std and its
 # gradient finite when a channel is constant over time (e.g. one frame after striding).
-# WeSpeaker uses the unbiased variance + 1e-8; we use the biased variance + 1e-5 (ours).
+# Ours: the biased variance + 1e-5. WeSpeaker's TSTP: the unbiased variance (ddof 1) + 1e-7
+# (``pool_ddof=1, pool_eps=1e-7``, set by ``sqjax.wespeaker`` for imported models).
 POOL_EPS = 1e-5
 
 
@@ -109,7 +110,8 @@ class ResNet(nn.Module):
     (x4 for bottleneck blocks) with strides 1/2/2/2 on frequency and time; temporal
     statistics pooling (mean and std over time of the frequency x channel map); one Dense.
     ``dtype`` is the computation dtype of the convolutional trunk (params stay float32);
-    pooling and the embedding layer always run in float32.
+    pooling and the embedding layer always run in float32. The pooled std is
+    ``sqrt(var + pool_eps)`` with the variance's ``pool_ddof`` (0: biased, 1: unbiased).
     """
 
     stage_sizes: Sequence[int]
@@ -118,6 +120,8 @@ class ResNet(nn.Module):
     embed_dim: int = 256
     n_mels: int = 80
     dtype: Any = jnp.float32
+    pool_ddof: int = 0
+    pool_eps: float = POOL_EPS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -131,7 +135,7 @@ class ResNet(nn.Module):
         x = _stem(x, self.width, train, self.dtype)
         for name, cls, planes, stride in _block_specs(self):
             x = cls(planes, stride, self.dtype, name=name)(x, train)
-        return _head(x, self.embed_dim)
+        return _head(x, self.embed_dim, self.pool_ddof, self.pool_eps)
 
 
 def _block_specs(encoder: ResNet) -> list[tuple[str, type, int, int]]:
@@ -151,13 +155,14 @@ def _stem(x: jax.Array, width: int, train: bool, dtype: Any) -> jax.Array:
     return nn.relu(_bn(train, "stem_bn", dtype)(x))
 
 
-def _head(x: jax.Array, embed_dim: int) -> jax.Array:
+def _head(x: jax.Array, embed_dim: int, ddof: int = 0, eps: float = POOL_EPS) -> jax.Array:
     """Temporal statistics pooling and the embedding layer (in the caller's scope)."""
     # (B, F', T', C) -> (B, T', C * F'), channel-major like WeSpeaker's flatten of (C, F').
     b, f, t, c = x.shape
     x = jnp.transpose(x, (0, 2, 3, 1)).reshape(b, t, c * f).astype(jnp.float32)
     mean = jnp.mean(x, axis=1)
-    std = jnp.sqrt(jnp.mean(jnp.square(x - mean[:, None, :]), axis=1) + POOL_EPS)
+    sq = jnp.sum(jnp.square(x - mean[:, None, :]), axis=1)
+    std = jnp.sqrt(sq / max(t - ddof, 1) + eps)
     stats = jnp.concatenate([mean, std], axis=-1)  # (B, 2 * C * F')
     return nn.Dense(embed_dim, dtype=jnp.float32, name="embedding")(stats)
 
@@ -196,7 +201,11 @@ def encoder_segments(encoder: "ResNet") -> tuple[Segment, ...]:
 
     d = encoder.dtype
     stem = _Part(functools.partial(_stem, width=encoder.width, train=False, dtype=d))
-    head = _Part(functools.partial(_head, embed_dim=encoder.embed_dim))
+    head = _Part(
+        functools.partial(
+            _head, embed_dim=encoder.embed_dim, ddof=encoder.pool_ddof, eps=encoder.pool_eps
+        )
+    )
     by_block: dict = {}
     segs = [Segment(("stem_conv", "stem_bn"), jitted(stem))]
     for name, cls, planes, stride in _block_specs(encoder):
@@ -215,6 +224,11 @@ PRESETS: dict[str, dict] = {
     "resnet200": {"stage_sizes": (3, 24, 36, 3), "block": "bottleneck"},
     "resnet221": {"stage_sizes": (6, 16, 48, 3), "block": "bottleneck"},
     "resnet293": {"stage_sizes": (10, 20, 64, 3), "block": "bottleneck"},
+    # WeSpeaker's other depths (for imported models).
+    "resnet18": {"stage_sizes": (2, 2, 2, 2), "block": "basic"},
+    "resnet50": {"stage_sizes": (3, 4, 6, 3), "block": "bottleneck"},
+    "resnet101": {"stage_sizes": (3, 4, 23, 3), "block": "bottleneck"},
+    "resnet152": {"stage_sizes": (3, 8, 36, 3), "block": "bottleneck"},
     # Small presets (ours) for CPU demos and tests.
     "resnet_demo": {"stage_sizes": (2, 2, 2, 2), "block": "basic", "width": 16},
     "resnet_tiny": {"stage_sizes": (1, 1, 1, 1), "block": "basic", "width": 4, "embed_dim": 32},

@@ -76,8 +76,11 @@ def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     return d
 
 
-def data_cache_dir(cache_dir: str | os.PathLike, data_dir: str | os.PathLike) -> str:
-    """The feature cache of one data dir: ``cache_dir/<dir name>-<12 hex>``.
+def data_cache_dir(
+    cache_dir: str | os.PathLike, data_dir: str | os.PathLike, kind: str = "logmel"
+) -> str:
+    """The feature cache of one data dir: ``cache_dir/<dir name>-<12 hex>``, with
+    ``-<kind>`` appended for features other than the default log-mel.
 
     The hex digest is of the data dir's resolved path, so two dirs of one name (a clean
     and a noisy copy of ``test``) get their own folders, and a dir keeps its folder across
@@ -88,7 +91,8 @@ def data_cache_dir(cache_dir: str | os.PathLike, data_dir: str | os.PathLike) ->
     real = os.path.realpath(os.fspath(data_dir))
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(real))[-40:] or "root"
     digest = hashlib.sha1(real.encode("utf-8")).hexdigest()[:12]
-    return os.path.join(os.fspath(cache_dir), f"{name}-{digest}")
+    suffix = "" if kind == "logmel" else f"-{kind}"
+    return os.path.join(os.fspath(cache_dir), f"{name}-{digest}{suffix}")
 
 
 def load_split(
@@ -101,8 +105,10 @@ def load_split(
     min_seconds: float,
     workers: int,
     progress: bool = True,
+    kind: str = "logmel",
 ) -> Split:
-    """Reads a data dir (Kaldi or VoxCeleb layout), its trials, and their features.
+    """Reads a data dir (Kaldi or VoxCeleb layout), its trials, and their features
+    (``kind``: see ``features.extract_features``).
 
     With a trial list, only the utterances the trials use are loaded. With ``cache_dir``,
     features are cached in its subfolder ``data_cache_dir(cache_dir, data_dir)``.
@@ -124,10 +130,11 @@ def load_split(
         sample_rate=sample_rate,
         n_mels=n_mels,
         mean_norm=False,
-        cache_dir=data_cache_dir(cache_dir, data_dir) if cache_dir else None,
+        cache_dir=data_cache_dir(cache_dir, data_dir, kind) if cache_dir else None,
         min_seconds=min_seconds,
         workers=workers,
         progress=progress,
+        kind=kind,
     )
     return Split(corpus, raw, trials)
 
@@ -144,6 +151,7 @@ def _split(config, d, data_dir: str, trials: str | None, key: str) -> Split:
         min_seconds=d.min_seconds,
         workers=d.workers,
         progress=config.progress,
+        kind=config.features.kind,
     )
 
 

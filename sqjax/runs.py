@@ -52,6 +52,23 @@ def _fp32_init(init_from: str) -> train.TrainState:
     return state
 
 
+def _inherit_model(config: ml_collections.ConfigDict, init_from: str) -> None:
+    """Sets ``config.model`` (but its compute dtype) and ``config.features`` to those of
+    the FP32 run ``init_from``: a QAT run fine-tunes that network, on its features."""
+    parent = workdir_lib.load_run_config(init_from)
+    model = {**parent.model, "dtype": config.model.dtype}
+    features = parent.features.to_dict()
+    if model != config.model.to_dict() or features != config.features.to_dict():
+        log.warning(
+            "config.quant.init_from=%s: model and features as that run's (%s, %s features)",
+            init_from,
+            model["name"],
+            features["kind"],
+        )
+    config.model.update(model)
+    config.features.update(features)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains (or resumes) the run in ``workdir``, then scores its test trials.
 
@@ -60,8 +77,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     paths = prepare.resolve_paths(config)
     if not (paths.test and paths.test_trials):
         raise ValueError("set config.data.test and config.data.test_trials (scored after training)")
-    data = prepare.training_data(config)
     config = ml_collections.ConfigDict(config.to_dict())  # the caller's config stays as it was
+    if config.quant.init_from:
+        _inherit_model(config, config.quant.init_from)
+    data = prepare.training_data(config)
     config.head.num_classes = data.n_speakers
     init = (lambda: _fp32_init(config.quant.init_from)) if config.quant.init_from else None
     state = train.train(config, workdir, data, init=init)
@@ -219,6 +238,7 @@ def _model_metadata(config, bits: int, source: Path) -> dict:
             "win_ms": 25.0,
             "hop_ms": 10.0,
             "mean_norm": True,
+            "kind": config.features.kind,
         },
         "eval": {"batch_size": config.eval.batch_size, "max_frames": config.eval.max_frames},
         "source": str(source),
@@ -273,6 +293,7 @@ def load_model_file(path: str | Path):
     config = default_config()
     config.model.update(meta["model"])
     config.data.sample_rate = meta["features"]["sample_rate"]
+    config.features.kind = meta["features"].get("kind", "logmel")
     config.eval.update(meta["eval"])
     return config, export.load_packed(path)
 
@@ -292,6 +313,7 @@ def embed_model_file(
         min_seconds=0.0,
         workers=workers,
         progress=True,
+        kind=config.features.kind,
     )
     emb = evaluate.extract_embeddings(
         evaluate.jitted_embed(train.build_encoder(config)),

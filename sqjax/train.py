@@ -63,8 +63,11 @@ def build_encoder(config: ml_collections.ConfigDict) -> models.ResNet:
     """The encoder named by ``config.model`` (a preset plus overrides)."""
     m = config.model
     overrides = {"n_mels": m.n_mels, "embed_dim": m.embed_dim, "dtype": jnp.dtype(m.dtype)}
+    overrides.update(pool_ddof=m.pool_ddof, pool_eps=m.pool_eps)
     if m.width:  # 0 = the preset's width
         overrides["width"] = m.width
+    if m.stage_sizes:  # () = the preset's
+        overrides["stage_sizes"] = tuple(m.stage_sizes)
     return models.build_encoder(m.name, **overrides)
 
 
@@ -273,14 +276,22 @@ def with_learned_part(qstate, learned):
     return learned
 
 
-def _check_init(init: TrainState, state: TrainState) -> None:
-    want = jax.tree.map(jnp.shape, (state.params, state.batch_stats))
-    got = jax.tree.map(jnp.shape, (init.params, init.batch_stats))
-    if want != got:
+def _from_init(init: TrainState, state: TrainState) -> TrainState:
+    """``state`` with the encoder (and BatchNorm statistics) of the FP32 run ``init``;
+    its AAM head too when the speaker count matches, else ``state``'s fresh head (QAT
+    on other data than the FP32 run's, e.g. of an imported model)."""
+    shapes = lambda s: jax.tree.map(jnp.shape, (s.params["encoder"], s.batch_stats))
+    if shapes(init) != shapes(state):
         raise ValueError(
-            "config.quant.init_from: its model or speaker count differs from this config's "
-            "(parameter shapes differ); give the FP32 run of the same model and data"
+            "config.quant.init_from: its model differs from this config's (encoder "
+            "parameter shapes differ); give the FP32 run of the same config.model"
         )
+    head = init.params["head"]
+    if jax.tree.map(jnp.shape, head) != jax.tree.map(jnp.shape, state.params["head"]):
+        log.info("config.quant.init_from: other speakers than its run's: a new AAM head")
+        head = state.params["head"]
+    params = {"encoder": init.params["encoder"], "head": head}
+    return state.replace(params=params, batch_stats=init.batch_stats)
 
 
 def train(
@@ -331,9 +342,7 @@ def train(
                     raise ValueError(
                         "config.quant.bits is set: give config.quant.init_from=<FP32 workdir>"
                     )
-                fp32 = init()
-                _check_init(fp32, state)
-                state = state.replace(params=fp32.params, batch_stats=fp32.batch_stats)
+                state = _from_init(init(), state)
             # Fitted to the FP32 start, or a restore template for the checkpoint's codebooks.
             state = with_codebooks(state, quantizer, tx, learns_quantizer(config))
         if start is not None:

@@ -54,11 +54,23 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The config a run in ``workdir`` was started with."""
+    """The config a run in ``workdir`` was started with; settings added to sqjax after it
+    started are there at their defaults (how the run ran)."""
+    from sqjax.config import default_config
+
     path = Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a sqjax run directory?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(
+        _merged(default_config().to_dict(), json.loads(path.read_text()))
+    )
+
+
+def _merged(default: dict, saved: dict) -> dict:
+    out = dict(default)
+    for k, v in saved.items():
+        out[k] = _merged(default[k], v) if isinstance(default.get(k), dict) else v
+    return out
 
 
 def checkpoint_manager(workdir: str | os.PathLike, keep: int):
@@ -130,14 +142,10 @@ def _flat(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
 def check_resumable(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
     """A run resumes exactly only under the config it started with: refuse any other
     (settings in ``RESUME_FREE``, ``eval.*`` and ``study.*`` excepted)."""
-    from sqjax.config import default_config
-
     free = lambda k: k in RESUME_FREE or k.startswith(("eval.", "study."))
-    old = {k: v for k, v in _flat(load_run_config(workdir).to_dict()) if not free(k)}
+    # A setting added after the run started is at its default (``load_run_config``).
+    old = {k: v for k, v in _flat(json.loads(load_run_config(workdir).to_json())) if not free(k)}
     new = {k: v for k, v in _flat(json.loads(config.to_json())) if not free(k)}
-    # A setting added after the run started, at its default, is how the run ran.
-    default = dict(_flat(json.loads(default_config().to_json())))
-    old.update({k: default[k] for k in new.keys() - old.keys() if k in default})
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
         raise ValueError(

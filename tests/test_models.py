@@ -244,6 +244,10 @@ PRESET_GEOMETRY = [  # name, depth, block, width, embed_dim
     ("resnet200", 200, "bottleneck", 32, 256),
     ("resnet221", 221, "bottleneck", 32, 256),
     ("resnet293", 293, "bottleneck", 32, 256),
+    ("resnet18", 18, "basic", 32, 256),
+    ("resnet50", 50, "bottleneck", 32, 256),
+    ("resnet101", 101, "bottleneck", 32, 256),
+    ("resnet152", 152, "bottleneck", 32, 256),
     ("resnet_demo", 18, "basic", 16, 256),
     ("resnet_tiny", 10, "basic", 4, 32),
 ]
