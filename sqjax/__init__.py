@@ -18,7 +18,7 @@ from sqjax.evaluate import (
     precision_embed,
 )
 from sqjax.export import export_packed, load_packed, read_metadata, size_report
-from sqjax.features import extract_features, logmel
+from sqjax.features import extract_features, kaldi_fbank, logmel
 from sqjax.kmeans import assign, kmeans_1d, kmeans_1d_batch, kmeans_1d_grouped
 from sqjax.metrics import (
     act_dcf,
@@ -49,6 +49,7 @@ from sqjax.quant import (
 )
 from sqjax.synth import generate_corpus
 from sqjax.uniform import UniformState, uniform_quantizer
+from sqjax.wespeaker import import_wespeaker
 
 __version__ = "0.1.0"
 
@@ -85,6 +86,8 @@ __all__ = [
     "fit_calibration",
     "format_plan",
     "generate_corpus",
+    "import_wespeaker",
+    "kaldi_fbank",
     "kmeans_1d",
     "kmeans_1d_batch",
     "kmeans_1d_grouped",

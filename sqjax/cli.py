@@ -1,5 +1,5 @@
-"""The ``sqjax`` command: synth, train, qat, ptq, export, eval, analyze, layers, cascade,
-study, report, embed.
+"""The ``sqjax`` command: synth, train, qat, ptq, export, eval, analyze, layers, grids,
+cascade, study, report, embed, import-wespeaker.
 
 sqjax train --config configs/demo.py --workdir runs/demo [--config.train.num_steps=100]
 sqjax qat   --config configs/qat_demo.py --workdir runs/demo_qat
@@ -14,6 +14,7 @@ sqjax study --config configs/study_demo.py --workdir runs/study_demo
 sqjax report runs/study_demo
 sqjax embed --model runs/demo_qat/2bit/encoder_2bit.npz --data DIR --out emb.npy
 sqjax synth --out data/synth --speakers 100
+sqjax import-wespeaker avg_model.pt --model resnet34 --out runs/ws_r34 [--data DIR --trials FILE]
 
 Expected errors (bad data, trials, run dirs, config values) print one line,
 ``sqjax <command>: error: <message>``, and exit with status 2; ``--debug`` shows the
@@ -259,6 +260,23 @@ def cmd_report(args, overrides) -> None:
     print(f"\nwrote {Path(args.dir) / 'report'}/index.html, report.md, report.json")
 
 
+def cmd_import_wespeaker(args, overrides) -> None:
+    from sqjax import runs, wespeaker
+
+    if bool(args.data) != bool(args.trials):
+        raise ValueError("give both --data and --trials (the run's test set), or neither")
+    config = wespeaker.import_wespeaker(
+        args.checkpoint, args.out, model=args.model, data=args.data, trials=args.trials
+    )
+    m = config.model
+    print(
+        f"wrote {args.out}: {m.name} {tuple(m.stage_sizes)} x{m.width}, {m.n_mels} Kaldi fbank "
+        f"bins, {m.embed_dim}-dim embedding"
+    )
+    if args.data:
+        _print_metrics(runs.evaluate_workdir(args.out), f"test metrics ({args.out})")
+
+
 def cmd_synth(args, overrides) -> None:
     from sqjax import synth
 
@@ -462,6 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data", required=True, help="Kaldi data dir or VoxCeleb tree")
     m.add_argument("--out", required=True, help="embeddings .npy (n_utts, dim)")
     m.set_defaults(fn=cmd_embed)
+
+    w = sub.add_parser("import-wespeaker", help="a pretrained WeSpeaker ResNet as a run directory")
+    w.add_argument("checkpoint", help="WeSpeaker state dict: avg_model.pt, .safetensors or .npz")
+    w.add_argument("--out", required=True, help="new run directory")
+    w.add_argument("--model", default=None, help="expected preset, e.g. resnet34 (checked)")
+    w.add_argument("--data", default="", help="test data dir, scored after the import")
+    w.add_argument("--trials", default="", help="trial list in --data")
+    w.set_defaults(fn=cmd_import_wespeaker)
 
     s = sub.add_parser("synth", help="generate the built-in synthetic speaker corpus")
     s.add_argument("--out", required=True)
