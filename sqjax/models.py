@@ -161,8 +161,8 @@ def _head(x: jax.Array, embed_dim: int, ddof: int = 0, eps: float = POOL_EPS) ->
     b, f, t, c = x.shape
     x = jnp.transpose(x, (0, 2, 3, 1)).reshape(b, t, c * f).astype(jnp.float32)
     mean = jnp.mean(x, axis=1)
-    sq = jnp.sum(jnp.square(x - mean[:, None, :]), axis=1)
-    std = jnp.sqrt(sq / max(t - ddof, 1) + eps)
+    var = jnp.mean(jnp.square(x - mean[:, None, :]), axis=1) * (t / max(t - ddof, 1))
+    std = jnp.sqrt(var + eps)
     stats = jnp.concatenate([mean, std], axis=-1)  # (B, 2 * C * F')
     return nn.Dense(embed_dim, dtype=jnp.float32, name="embedding")(stats)
 
