@@ -230,9 +230,11 @@ def test_suggested_rules_reach_the_target_when_built_by_the_quantizer(learned_ru
     """On a trained model: the analysis runs end to end, writes its files, and the mix it
     suggests, rebuilt from its Rules by a fresh quantizer, scores as the analysis says and
     within the tolerance of FP32 (chosen on the test trials here, so reaching the target is
-    a property of the selection, and the check is that the Rules mean that model)."""
+    a property of the selection, and the check is that the Rules mean that model). The
+    mix may keep layers at 8 bits: with 4 only, the target can be out of reach (on one
+    CPU the learned model at 4 bits everywhere scored EER 0.190 against a target of 0.189)."""
     _, workdir, _ = learned_run
-    cfg, jobs = study.ptq_layer_jobs(workdir, (1,), (4,))
+    cfg, jobs = study.ptq_layer_jobs(workdir, (1,), (4, 8))
     test_dir = str(cfg.data.synth_dir) + "/test"
     result = study.analyze_layers(
         cfg, jobs, tmp_path, cal_data=test_dir, cal_trials=test_dir + "/trials", tolerance=0.1
