@@ -63,12 +63,22 @@ def build_encoder(config: ml_collections.ConfigDict) -> models.ResNet:
     """The encoder named by ``config.model`` (a preset plus overrides)."""
     m = config.model
     overrides = {"n_mels": m.n_mels, "embed_dim": m.embed_dim, "dtype": jnp.dtype(m.dtype)}
-    overrides.update(pool_ddof=m.pool_ddof, pool_eps=m.pool_eps)
+    overrides.update(pool_ddof=m.pool_ddof, pool_eps=m.pool_eps, conv_slice=conv_slice(config))
     if m.width:  # 0 = the preset's width
         overrides["width"] = m.width
     if m.stage_sizes:  # () = the preset's
         overrides["stage_sizes"] = tuple(m.stage_sizes)
     return models.build_encoder(m.name, **overrides)
+
+
+CPU_CONV_SLICE = 4  # bench/bench_torch.py: as fast as 1-2 on the demo, less to compile
+
+
+def conv_slice(config: ml_collections.ConfigDict) -> int:
+    """``config.train.conv_slice``, -1 resolved for the backend: slices of
+    ``CPU_CONV_SLICE`` examples on CPU; elsewhere the whole batch (unmeasured there)."""
+    s = config.train.conv_slice
+    return s if s >= 0 else (CPU_CONV_SLICE if jax.default_backend() == "cpu" else 0)
 
 
 def build_head(config: ml_collections.ConfigDict) -> models.AAMSoftmax:

@@ -1,6 +1,7 @@
 """Tests for sqjax.models: geometry against WeSpeaker's published numbers, and the AAM head
 against an independent NumPy ArcFace computation."""
 
+import functools
 import math
 
 import chex
@@ -20,6 +21,7 @@ from sqjax.models import (
     encoder_macs,
     encoder_macs_by_layer,
     encoder_segments,
+    sliced_conv,
 )
 
 
@@ -356,3 +358,47 @@ def test_segments_chained_equal_the_whole_encoder(block):
     for s in segments:
         h = s.apply({c: {k: t[k] for k in s.keys if k in t} for c, t in v.items()}, h)
     np.testing.assert_allclose(h, enc.apply(v, x), rtol=1e-5, atol=1e-6)
+
+
+# --- kernel gradients over batch slices (models.sliced_conv) --------------------------------
+
+
+@pytest.mark.parametrize("batch, examples", [(8, 2), (6, 4), (7, 2), (40, 1)])
+def test_sliced_conv_gradients_equal_the_plain_convs(batch, examples):
+    """Stride 2 with padding, as the residual stages: output and both gradients equal
+    lax.conv_general_dilated's: 8 in 4 slices of 2; 40 in 10 of 4 (at most 16 slices,
+    dividing the batch); 6 with slices of 4, and the prime 7, whole."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, 9, 11, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 5)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(batch, 5, 6, 5)), jnp.float32)
+    kw = {"window_strides": (2, 2), "padding": ((1, 1), (1, 1)),
+          "dimension_numbers": ("NHWC", "HWIO", "NHWC")}  # fmt: skip
+    plain = lambda x, w: jax.lax.conv_general_dilated(x, w, **kw)
+    chunked = lambda x, w: sliced_conv(examples)(x, w, **kw)
+    y0, vjp0 = jax.vjp(plain, x, w)
+    y1, vjp1 = jax.jit(lambda x, w: jax.vjp(chunked, x, w))(x, w)
+    np.testing.assert_allclose(y1, y0, rtol=1e-6, atol=1e-5)
+    for got, want in zip(vjp1(dy), vjp0(dy), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_conv_slice_trains_the_same_encoder():
+    """A ResNet with conv_slice=2 has the plain one's parameters, loss and gradients."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(8, 40, 80)), jnp.float32)
+    plain, chunked = (build_encoder("resnet_tiny", conv_slice=c) for c in (0, 2))
+    variables = plain.init(jax.random.key(0), x)
+
+    def loss(model, params):
+        emb, _ = model.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(jnp.sin(emb))
+
+    l0, g0 = jax.value_and_grad(functools.partial(loss, plain))(variables["params"])
+    l1, g1 = jax.jit(jax.value_and_grad(functools.partial(loss, chunked)))(variables["params"])
+    assert l1 == pytest.approx(float(l0), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        # Float rounding of sums in another order: relative to the tensor's scale.
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))

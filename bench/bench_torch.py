@@ -1,0 +1,214 @@
+"""sqjax (XLA) against PyTorch on the same machine: training steps and embedding.
+
+    pip install torch==2.13.0          # benchmark-only; the package never needs it
+    python bench/bench_torch.py                             # demo model and ResNet34
+    python bench/bench_torch.py --models resnet_demo --batches 32 --conv-slice 0,4
+
+Both sides build the same network (a sqjax preset: stem, residual stages, statistics
+pooling, embedding layer; an AAM-softmax head for training) on random 200-frame x 80-mel
+inputs. Training: one SGD-with-momentum step, forward + backward + update. Embedding:
+the inference forward pass (PyTorch in ``inference_mode``; sqjax's ``jitted_embed``) on
+``--embed-frames`` frames. Steps alternate between the two sides, so both see the same
+machine load; the table gives medians of warm steps and the ratio sqjax/PyTorch in
+examples/s (above 1: sqjax is faster). ``--conv-slice`` times sqjax once per value of
+``train.conv_slice`` (examples per kernel-gradient slice; 0: the whole batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import numpy as np
+
+
+def torch_resnet(encoder, n_classes: int):
+    """A PyTorch module computing ``encoder`` (a sqjax ``ResNet``) and an AAM head."""
+    import torch
+    from torch import nn
+
+    def bn(c):
+        return nn.BatchNorm2d(c, eps=1e-5, momentum=0.1)
+
+    class Block(nn.Module):
+        def __init__(self, cin, planes, stride, bottleneck):
+            super().__init__()
+            out = planes * (4 if bottleneck else 1)
+            if bottleneck:
+                self.body = nn.Sequential(
+                    nn.Conv2d(cin, planes, 1, bias=False), bn(planes), nn.ReLU(),
+                    nn.Conv2d(planes, planes, 3, stride, 1, bias=False), bn(planes), nn.ReLU(),
+                    nn.Conv2d(planes, out, 1, bias=False), bn(out),
+                )  # fmt: skip
+            else:
+                self.body = nn.Sequential(
+                    nn.Conv2d(cin, planes, 3, stride, 1, bias=False), bn(planes), nn.ReLU(),
+                    nn.Conv2d(planes, planes, 3, 1, 1, bias=False), bn(planes),
+                )  # fmt: skip
+            self.short = nn.Identity()
+            if stride != 1 or cin != out:
+                self.short = nn.Sequential(nn.Conv2d(cin, out, 1, stride, bias=False), bn(out))
+            self.out = out
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.short(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            w, bottleneck = encoder.width, encoder.block == "bottleneck"
+            self.stem = nn.Sequential(nn.Conv2d(1, w, 3, 1, 1, bias=False), bn(w), nn.ReLU())
+            blocks, cin = [], w
+            for i, n in enumerate(encoder.stage_sizes):
+                for j in range(n):
+                    blocks.append(Block(cin, w * 2**i, 2 if i and not j else 1, bottleneck))
+                    cin = blocks[-1].out
+            self.blocks = nn.Sequential(*blocks)
+            freq = encoder.n_mels
+            for _ in range(3):
+                freq = (freq + 1) // 2
+            self.embedding = nn.Linear(2 * cin * freq, encoder.embed_dim)
+            self.head = nn.Parameter(torch.randn(n_classes, encoder.embed_dim) * 0.01)
+
+        def embed(self, x):  # (B, T, F) -> (B, D)
+            x = self.blocks(self.stem(x.transpose(1, 2).unsqueeze(1)))  # (B, C, F', T')
+            x = x.flatten(1, 2)
+            return self.embedding(torch.cat([x.mean(-1), torch.sqrt(x.var(-1) + 1e-5)], 1))
+
+        def loss(self, x, labels, margin=0.2, scale=32.0):
+            cos = nn.functional.normalize(self.embed(x)) @ nn.functional.normalize(self.head).T
+            cos = cos.clamp(-1, 1)
+            target = torch.cos(torch.acos(cos) + margin)
+            onehot = nn.functional.one_hot(labels, cos.shape[1]).bool()
+            return nn.functional.cross_entropy(scale * torch.where(onehot, target, cos), labels)
+
+    return Net()
+
+
+def _torch_train(net, opt, x, y) -> None:
+    net.train()
+    opt.zero_grad(set_to_none=True)
+    net.loss(x, y).backward()
+    opt.step()
+
+
+def _torch_embed(net, x):
+    import torch
+
+    net.eval()
+    with torch.inference_mode():
+        return net.embed(x)
+
+
+class _JaxTrain:
+    """One jitted sqjax train step per call, on a fixed batch (the state is donated)."""
+
+    def __init__(self, encoder, head, tx, x, y, n_frames):
+        import jax
+
+        from sqjax import train
+
+        self.state = train.create_train_state(jax.random.key(0), encoder, head, tx, n_frames)
+        step = functools.partial(
+            train.train_step, encoder=encoder, head=head, tx=tx, margin=0.2, margin_warmup_steps=0
+        )
+        self.step = jax.jit(step, donate_argnums=0)
+        self.batch = {"feats": jax.numpy.asarray(x), "labels": jax.numpy.asarray(y, "int32")}
+
+    def __call__(self) -> None:
+        import jax
+
+        self.state, metrics = self.step(self.state, self.batch)
+        jax.block_until_ready(metrics)
+
+
+def _jax_embed(embed, variables, x) -> None:
+    import jax
+
+    jax.block_until_ready(embed(variables, x))
+
+
+def run(a) -> None:
+    import jax
+    import optax
+    import torch
+
+    from sqjax import evaluate, models
+
+    torch.set_num_threads(a.threads or torch.get_num_threads())
+    print(
+        f"# jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device), "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); medians of "
+        f"{a.steps} warm steps, alternating"
+    )
+    print(
+        f"{'model':>12} {'what':>6} {'batch':>5} {'conv_slice':>11} {'sqjax ex/s':>10} "
+        f"{'torch ex/s':>10} {'ratio':>6}"
+    )
+    rng = np.random.default_rng(0)
+    for name in a.models.split(","):
+        encoder = models.build_encoder(name)
+        net = torch_resnet(encoder, a.classes)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        head = models.AAMSoftmax(num_classes=a.classes)
+        tx = optax.sgd(0.01, momentum=0.9, nesterov=True)
+        for batch in (int(b) for b in a.batches.split(",")):
+            x = rng.normal(size=(batch, a.n_frames, encoder.n_mels)).astype(np.float32)
+            y = rng.integers(0, a.classes, batch)
+            theirs_fn = functools.partial(_torch_train, net, opt, torch.from_numpy(x),
+                                          torch.from_numpy(y))  # fmt: skip
+            for examples in (int(c) for c in a.conv_slice.split(",")):
+                enc = models.build_encoder(name, conv_slice=examples)
+                ours_fn = _JaxTrain(enc, head, tx, x, y, a.n_frames)
+                ours, theirs = _alternate(ours_fn, theirs_fn, a.steps)
+                print(
+                    f"{name:>12} {'train':>6} {batch:>5} {examples:>11} {batch / ours:>10.1f} "
+                    f"{batch / theirs:>10.1f} {theirs / ours:>6.2f}",
+                    flush=True,
+                )
+            xe = rng.normal(size=(batch, a.embed_frames, encoder.n_mels)).astype(np.float32)
+            ours, theirs = _alternate(
+                functools.partial(
+                    _jax_embed,
+                    evaluate.jitted_embed(encoder),
+                    evaluate.encoder_variables(ours_fn.state),
+                    jax.numpy.asarray(xe),
+                ),
+                functools.partial(_torch_embed, net, torch.from_numpy(xe)),
+                a.steps,
+            )
+            print(
+                f"{name:>12} {'embed':>6} {batch:>5} {'-':>11} {batch / ours:>10.1f} "
+                f"{batch / theirs:>10.1f} {theirs / ours:>6.2f}",
+                flush=True,
+            )
+
+
+def _alternate(f, g, steps: int) -> tuple[float, float]:
+    """Median seconds of ``f`` and of ``g``, called in turn after one warm-up call each."""
+    f(), g()
+    tf, tg = [], []
+    for _ in range(steps):
+        for fn, times in ((f, tf), (g, tg)):
+            tic = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - tic)
+    return float(np.median(tf)), float(np.median(tg))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="resnet_demo,resnet34")
+    p.add_argument("--batches", default="8,32", help="batch sizes")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--n-frames", type=int, default=200)
+    p.add_argument("--embed-frames", type=int, default=300)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
+    p.add_argument("--conv-slice", default="0", help="sqjax conv_slice values, e.g. 0,4")
+    run(p.parse_args())
+
+
+if __name__ == "__main__":
+    main()
