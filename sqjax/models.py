@@ -68,7 +68,7 @@ def sliced_conv(examples: int) -> Callable:
     """``lax.conv_general_dilated`` (batch on axis 0, as Flax calls it) whose kernel
     gradient is computed over slices of about ``examples`` examples of the batch and
     summed: the same forward pass and gradients (to float rounding), but XLA:CPU computes
-    kernel gradients of small batches several times faster per example (1.4-1.7x per
+    kernel gradients of small batches several times faster per example (1.2-1.7x per
     training step measured by ``bench/bench_torch.py``). Slice c holds examples c,
     c + k, c + 2k, ... of k slices (at most ``MAX_SLICES``, a divisor of the batch), so
     on a batch sharded over devices each keeps an equal share of every slice."""
