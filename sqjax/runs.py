@@ -7,6 +7,7 @@ call below them take arrays.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -58,7 +59,8 @@ def _inherit_model(config: ml_collections.ConfigDict, init_from: str) -> None:
     parent = workdir_lib.load_run_config(init_from)
     model = {**parent.model, "dtype": config.model.dtype}
     features = parent.features.to_dict()
-    if model != config.model.to_dict() or features != config.features.to_dict():
+    mine = json.loads(config.to_json())  # as saved: tuples become lists
+    if model != mine["model"] or features != mine["features"]:
         log.warning(
             "config.quant.init_from=%s: model and features as that run's (%s, %s features)",
             init_from,

@@ -133,7 +133,7 @@ def torch_name(path: tuple[str, ...]) -> str:
     return ".".join([*mods, _LEAVES[leaf]])
 
 
-def to_torch(name: str, value: np.ndarray) -> np.ndarray:
+def to_torch(value: np.ndarray) -> np.ndarray:
     """Our array -> WeSpeaker's layout: conv kernels HWIO -> OIHW, dense (in, out) -> (out, in)."""
     if value.ndim == 4:
         return value.transpose(3, 2, 0, 1)
@@ -212,7 +212,7 @@ def to_variables(
             return np.zeros(leaf.shape, np.float32)
         value = from_torch(np.asarray(state[name], np.float32))
         if value.shape != leaf.shape:
-            want = to_torch(name, np.empty(leaf.shape)).shape
+            want = to_torch(np.empty(leaf.shape)).shape
             shapes.append(f"{name} {tuple(state[name].shape)} (expected {want})")
         return value
 
@@ -251,7 +251,7 @@ def to_state_dict(variables: Mapping) -> dict[str, np.ndarray]:
     for collection in ("params", "batch_stats"):
         for path, leaf in jax.tree_util.tree_leaves_with_path(variables[collection]):
             name = torch_name(tuple(k.key for k in path))
-            out[name] = to_torch(name, np.asarray(leaf))
+            out[name] = to_torch(np.asarray(leaf))
     return out
 
 
