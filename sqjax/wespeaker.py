@@ -307,9 +307,8 @@ def import_wespeaker(
         {"kernel": np.asarray(head_w, np.float32).T} if keep_head else fresh.params["head"]
     )
     params = {"encoder": variables["params"], "head": head_params}
-    run = fresh.replace(
-        params=params, batch_stats=variables["batch_stats"], opt_state=tx.init(params)
-    )
+    # Same shapes as ``fresh``'s, so its optimizer state (zeros) stays valid.
+    run = fresh.replace(params=params, batch_stats=variables["batch_stats"])
     left_out = sorted(
         k for k in state if "num_batches_tracked" in k or (k in heads and not keep_head)
     )
