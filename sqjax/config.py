@@ -63,6 +63,27 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.cal = ""
     c.data.cal_trials = ""
     c.data.feature_cache = ""  # directory for cached log-mel features ("" = no cache)
+    # Training input. "cache": features extracted once (cached on disk), cropped in host
+    # memory: fastest for small corpora (the built-in one). "stream": random audio crops
+    # read per step by Grain workers (data.workers), log-mel and augmentation computed in
+    # the jitted step: host memory independent of the corpus size (VoxCeleb).
+    c.data.input = "cache"
+    # Augmentation of streamed crops on the device (WeSpeaker-style): reverberation with a
+    # room impulse response, then additive noise at a random SNR, each with its
+    # probability. Folders of .wav/.flac (MUSAN, RIRS_NOISES); empty: synthetic ones.
+    c.data.augment = ml_collections.ConfigDict(
+        {
+            "p_noise": 0.0,
+            "p_reverb": 0.0,
+            "snr_db": (0.0, 15.0),
+            "noise_dir": "",
+            "rir_dir": "",
+            "noise_seconds": 6.0,  # each noise file cut (or tiled) to this length
+            "rir_seconds": 1.0,
+            "max_files": 256,  # files read from a folder (sorted), held on the device
+            "n_synthetic": 64,  # synthetic noises / impulse responses
+        }
+    )
     c.data.sample_rate = 16000
     c.data.min_seconds = 0.5  # shorter files are an error, not silently padded
     c.data.workers = 2

@@ -37,8 +37,15 @@ def extract_embeddings(
     batch_size: int = 32,
     min_frames: int = 100,
     max_frames: int = 3000,
+    sharding: jax.sharding.NamedSharding | None = None,
 ) -> np.ndarray:
     """Embeds each utterance of ``feats`` (each ``(frames, n_mels)``); returns ``(n, dim)``.
+
+    With a batch ``sharding`` (e.g. ``NamedSharding(mesh, P("data"))``) each batch is
+    split over the mesh's devices and processes: every process builds only its rows,
+    each segment is embedded once in the whole job, and the embeddings are gathered to
+    every process (the batch is rounded up to a multiple of the device count). Without
+    it, batches run where ``embed`` puts them.
 
     Utterances are grouped by length rung and run in fixed-size batches (the last one
     padded by repetition), so the number of compiled programs is the number of rungs.
@@ -59,19 +66,57 @@ def extract_embeddings(
             rung = int(rungs[np.searchsorted(rungs, seg.shape[0], side="right") - 1])
             segments.setdefault(rung, []).append((i, seg[:rung]))
 
+    run = functools.partial(_run_batch, embed, variables)
+    if sharding is not None:
+        n_dev = sharding.mesh.devices.size
+        batch_size = -(-batch_size // n_dev) * n_dev
+        run = functools.partial(_run_sharded, embed, _replicated(variables, sharding), sharding)
     sums: np.ndarray | None = None
     counts = np.zeros(len(feats))
     for rung, items in sorted(segments.items()):
         for lo in range(0, len(items), batch_size):
             chunk = items[lo : lo + batch_size]
-            x = np.stack([seg for _, seg in chunk] + [chunk[-1][1]] * (batch_size - len(chunk)))
-            emb = np.asarray(embed(variables, jnp.asarray(x, jnp.float32)))[: len(chunk)]
+            x = [seg for _, seg in chunk] + [chunk[-1][1]] * (batch_size - len(chunk))
+            emb = run(x)[: len(chunk)]
             if sums is None:
                 sums = np.zeros((len(feats), emb.shape[-1]), np.float64)
             idx = np.array([i for i, _ in chunk])
             np.add.at(sums, idx, emb * rung)  # chunks of one utterance weigh by length
             np.add.at(counts, idx, rung)
     return (sums / counts[:, None]).astype(np.float32)
+
+
+def _run_batch(embed: EmbedFn, variables, x: list[np.ndarray]) -> np.ndarray:
+    return np.asarray(embed(variables, jnp.asarray(np.stack(x), jnp.float32)))
+
+
+def _replicated(variables, sharding: jax.sharding.NamedSharding):
+    """``variables`` replicated over ``sharding``'s mesh (as NumPy first unless they are
+    already: arrays committed to one device cannot join a mesh-wide computation)."""
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+    def put(v):
+        if isinstance(v, jax.Array) and v.sharding.is_equivalent_to(replicated, v.ndim):
+            return v
+        return jax.device_put(np.asarray(v), replicated)
+
+    return jax.tree.map(put, variables)
+
+
+def _run_sharded(
+    embed: EmbedFn, variables, sharding: jax.sharding.NamedSharding, x: list[np.ndarray]
+) -> np.ndarray:
+    """One global batch split over the mesh; this process supplies only its rows."""
+    n_proc, proc = jax.process_count(), jax.process_index()
+    per = len(x) // n_proc
+    local = np.stack(x[proc * per : (proc + 1) * per]).astype(np.float32)
+    shape = (len(x), *local.shape[1:])
+    emb = embed(variables, jax.make_array_from_process_local_data(sharding, local, shape))
+    if n_proc == 1:
+        return np.asarray(emb)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(emb, tiled=True))
 
 
 def cosine_scores(emb: np.ndarray, enroll: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -110,11 +155,23 @@ def encoder_variables(state, quantizer=None) -> dict:
 
 
 def score_split(
-    embed: EmbedFn, variables, split, *, batch_size: int, max_frames: int
+    embed: EmbedFn,
+    variables,
+    split,
+    *,
+    batch_size: int,
+    max_frames: int,
+    sharding: jax.sharding.NamedSharding | None = None,
 ) -> np.ndarray:
-    """Cosine scores of ``split.trials`` (a ``prepare.Split``) under ``variables``."""
+    """Cosine scores of ``split.trials`` (a ``prepare.Split``) under ``variables``
+    (embeddings split over ``sharding``'s devices, see ``extract_embeddings``)."""
     emb = extract_embeddings(
-        embed, variables, split.feats, batch_size=batch_size, max_frames=max_frames
+        embed,
+        variables,
+        split.feats,
+        batch_size=batch_size,
+        max_frames=max_frames,
+        sharding=sharding,
     )
     enroll, test = trial_indices(split.corpus.utts, split.trials.enroll, split.trials.test)
     return cosine_scores(emb, enroll, test)

@@ -43,12 +43,15 @@ class Split:
     """One data dir's utterances as features, with its trial list (if any)."""
 
     corpus: data_lib.Corpus
-    raw_feats: Sequence[np.ndarray]  # (frames, n_mels) log-mel, not mean-normalised
+    # (frames, n_mels) log-mel, not mean-normalised; None for streamed training input
+    raw_feats: Sequence[np.ndarray] | None
     trials: data_lib.Trials | None = None
 
     @property
     def feats(self) -> MeanNormalised:
         """Model input: per-utterance mean-normalised log-mel."""
+        if self.raw_feats is None:
+            raise ValueError("this split is streamed (data.input='stream'): it has no features")
         return MeanNormalised(self.raw_feats)
 
     @property
@@ -160,6 +163,21 @@ def training_data(config: ml_collections.ConfigDict) -> Split:
     d = resolve_paths(config)
     split = _split(config, d, d.train, None, "train")
     log.info("train: %d utterances, %d speakers", len(split.corpus.utts), split.n_speakers)
+    return split
+
+
+def training_input(config: ml_collections.ConfigDict) -> Split:
+    """What training reads: ``training_data`` with ``data.input="cache"``; with
+    ``"stream"`` only the corpus listing (audio is read per step, nothing extracted)."""
+    if config.data.input != "stream":
+        return training_data(config)
+    d = resolve_paths(config)
+    if not d.train:
+        raise ValueError("config.data.train is empty: set it to a data dir, or data.synth=True")
+    split = Split(data_lib.read_corpus(d.train), None)
+    log.info(
+        "train (streamed): %d utterances, %d speakers", len(split.corpus.utts), split.n_speakers
+    )
     return split
 
 

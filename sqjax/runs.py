@@ -82,26 +82,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     config = ml_collections.ConfigDict(config.to_dict())  # the caller's config stays as it was
     if config.quant.init_from:
         _inherit_model(config, config.quant.init_from)
-    data = prepare.training_data(config)
+    data = prepare.training_input(config)
     config.head.num_classes = data.n_speakers
     init = (lambda: _fp32_init(config.quant.init_from)) if config.quant.init_from else None
     state = train.train(config, workdir, data, init=init)
     quantizer = train.build_quantizer(config, config.quant.bits) if config.quant.bits else None
     variables = evaluate.encoder_variables(state, quantizer)
-    return evaluate_run(config, workdir, variables, step=int(state.step), train_split=data)
+    train_split = data if data.raw_feats is not None else None  # the baseline's statistics
+    return evaluate_run(config, workdir, variables, step=int(state.step), train_split=train_split)
 
 
 # -------------------------------------------------------------------------- evaluation
 
 
 def score_variables(config, variables, split: prepare.Split) -> np.ndarray:
-    """Cosine scores of ``split``'s trials under encoder ``variables``."""
+    """Cosine scores of ``split``'s trials under encoder ``variables``, the embeddings
+    split over the devices (and processes) of ``train.make_mesh(config.num_devices)``."""
+    sharding = NamedSharding(train.make_mesh(config.num_devices), P("data"))
     return evaluate.score_split(
         evaluate.jitted_embed(train.build_encoder(config)),
         variables,
         split,
         batch_size=config.eval.batch_size,
         max_frames=config.eval.max_frames,
+        sharding=sharding,
     )
 
 

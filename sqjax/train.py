@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from sqjax import models, prepare
 from sqjax import workdir as workdir_lib
-from sqjax.pipeline import CropSampler, prefetch
+from sqjax.pipeline import CropSampler, WaveSampler, prefetch
 
 if TYPE_CHECKING:
     from sqjax import quant
@@ -142,6 +142,7 @@ def margin_at(step: jax.Array, margin: float, warmup_steps: int) -> jax.Array:
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
+    banks: Any = None,
     *,
     encoder: models.ResNet,
     head: models.AAMSoftmax,
@@ -151,8 +152,11 @@ def train_step(
     quantizer=None,
     learn_quantizer: bool = False,
     microbatches: int = 1,
+    featurize: Callable | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a global batch ``{"feats": (B, T, F), "labels": (B,)}``.
+    """One optimizer step on a global batch ``{"feats": (B, T, F), "labels": (B,)}``,
+    or ``{"wave": (B, samples), "labels": (B,)}`` with ``featurize(step, wave, banks)``
+    computing features (and augmentation) on the device (``stream_input``).
 
     With a ``quantizer`` the encoder runs on quantized weights and the straight-through
     gradient updates the latent FP32 weights; with ``learn_quantizer`` the optimizer also
@@ -184,7 +188,13 @@ def train_step(
         return loss, (updates["batch_stats"], acc)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    feats, labels = batch["feats"], batch["labels"]
+    labels = batch["labels"]
+    if "wave" in batch:
+        if featurize is None:
+            raise ValueError("train_step: a batch of waves needs featurize=")
+        feats = featurize(state.step, batch["wave"], banks)
+    else:
+        feats = batch["feats"]
     if microbatches == 1:
         (loss, (batch_stats, acc)), grads = grad_fn(trainable, state.batch_stats, feats, labels)
     else:
@@ -223,6 +233,67 @@ def train_step(
     grad_norm = optax.tree_utils.tree_norm(grads)
     metrics = {"loss": loss, "accuracy": acc, "margin": m, "grad_norm": grad_norm}
     return new_state, metrics
+
+
+def stream_input(config: ml_collections.ConfigDict, n_frames: int) -> tuple[Callable, dict, int]:
+    """``(featurize, banks, n_samples)`` of streamed training input (``data.input="stream"``).
+
+    Crops are ``n_samples`` of audio, which ``featurize(step, wave, banks)`` turns into
+    ``n_frames`` of mean-normalised log-mel inside the jitted step, after augmenting them
+    (``config.data.augment``): reverberation, then additive noise, each with its
+    probability, drawn from a key of ``(seed, step)``. ``banks`` holds the noises and
+    impulse responses: read from ``noise_dir`` / ``rir_dir`` (MUSAN / RIRS_NOISES-style
+    folders) or synthetic ones when those are empty.
+    """
+    from sqjax import augment, jaxfeatures
+    from sqjax.config import ConfigError
+
+    d, a = config.data, config.data.augment
+    if config.features.kind != "logmel":
+        raise ConfigError(
+            f"config.features.kind={config.features.kind!r} with config.data.input='stream': "
+            f"features on the device are log-mel only; use data.input='cache' for Kaldi fbank"
+        )
+    for key in ("p_noise", "p_reverb"):
+        if not 0.0 <= a[key] <= 1.0:
+            raise ConfigError(f"config.data.augment.{key}={a[key]} must be within [0, 1]")
+    sr = d.sample_rate
+    n_samples = jaxfeatures.frames_to_samples(n_frames, sample_rate=sr)
+    banks = {}
+    if a.p_noise > 0:
+        n = round(a.noise_seconds * sr)
+        banks["noises"] = (
+            augment.load_bank(a.noise_dir, sample_rate=sr, samples=n, max_files=a.max_files)
+            if a.noise_dir
+            else augment.synthetic_noises(a.n_synthetic, n, sr, seed=config.seed)
+        )
+    if a.p_reverb > 0:
+        n = round(a.rir_seconds * sr)
+        banks["rirs"] = (
+            augment.load_bank(
+                a.rir_dir, sample_rate=sr, samples=n, max_files=a.max_files, fill="zeros"
+            )
+            if a.rir_dir
+            else augment.synthetic_rirs(a.n_synthetic, n, sr, seed=config.seed)
+        )
+    p_noise, p_reverb, snr_db = a.p_noise, a.p_reverb, tuple(a.snr_db)
+    seed, n_mels = config.seed, config.model.n_mels
+
+    def featurize(step, wave, banks):
+        if banks:
+            key = jax.random.fold_in(jax.random.key(seed), step)
+            wave = augment.augment(
+                key,
+                wave,
+                banks.get("noises"),
+                banks.get("rirs"),
+                p_noise=p_noise,
+                p_reverb=p_reverb,
+                snr_db=snr_db,
+            )
+        return jaxfeatures.logmel(wave, sample_rate=sr, n_mels=n_mels, mean_norm=True)
+
+    return featurize, banks, n_samples
 
 
 def build_quantizer(config: ml_collections.ConfigDict, bits: int) -> quant.Quantizer:
@@ -361,6 +432,18 @@ def train(
         start = start or 0
         state = jax.device_put(state, replicated)
 
+        stream = config.data.input == "stream"
+        if stream:
+            featurize, banks, n_samples = stream_input(config, t.n_frames)
+            sampler = WaveSampler(
+                data.corpus.paths, data.labels, n_samples, config.data.sample_rate, config.seed
+            )
+        elif config.data.input == "cache":
+            featurize, banks = None, {}
+            sampler = CropSampler(data.feats, data.labels, t.n_frames, config.seed)
+        else:
+            raise ValueError(f"config.data.input={config.data.input!r}: use 'cache' or 'stream'")
+        banks = jax.device_put(banks, replicated)
         step_fn = jax.jit(
             functools.partial(
                 train_step,
@@ -372,8 +455,9 @@ def train(
                 quantizer=quantizer,
                 learn_quantizer=learns_quantizer(config),
                 microbatches=t.microbatches,
+                featurize=featurize,
             ),
-            in_shardings=(replicated, batch_sharding),
+            in_shardings=(replicated, batch_sharding, replicated),
             out_shardings=(replicated, replicated),
             donate_argnums=0,
         )
@@ -385,7 +469,6 @@ def train(
                 donate_argnums=1,
             )
 
-        sampler = CropSampler(data.feats, data.labels, t.n_frames, config.seed)
         log_path = workdir / "metrics.jsonl"
         if is_main:
             workdir_lib.truncate_log(log_path, start)
@@ -400,12 +483,21 @@ def train(
             disable=not (config.progress and is_main),
         )
         pending, tic = [], time.perf_counter()
+        on_cpu = jax.default_backend() == "cpu"
         for step, batch in enumerate(
-            prefetch(sampler, start, t.num_steps, t.batch_size, batch_sharding), start=start
+            prefetch(
+                sampler,
+                start,
+                t.num_steps,
+                t.batch_size,
+                batch_sharding,
+                workers=config.data.workers if stream else 0,
+            ),
+            start=start,
         ):
             if quantizer is not None and step % q.refresh_every == 0 and step > 0:
                 state = state.replace(qstate=update(state.params["encoder"], state.qstate))
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch, banks)
             pending.append(metrics)
             done = step + 1
             if done % t.log_every == 0 or done == t.num_steps:
@@ -422,9 +514,9 @@ def train(
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
                 bar.update(len(pending) * t.batch_size)
                 pending, tic = [], time.perf_counter()
-            elif done % 8 == 0:
+            elif done % 8 == 0 and on_cpu:
                 # Never queue many steps: sharded steps on simulated CPU devices deadlock
-                # in XLA's collectives when ~40 are in flight.
+                # in XLA's collectives when ~40 are in flight (a CPU-only workaround).
                 jax.block_until_ready(metrics)
             if done % t.checkpoint_every == 0 or done == t.num_steps:
                 mngr.save(done, args=ocp.args.StandardSave(state))

@@ -63,3 +63,33 @@ def test_raw_feature_baseline_standardises_with_train_statistics():
     stats = np.array([np.concatenate([f.mean(0), f.std(0)]) for f in train])
     ref = (np.concatenate([test[0].mean(0), test[0].std(0)]) - stats.mean(0)) / stats.std(0)
     np.testing.assert_allclose(emb[0], ref, rtol=1e-6)
+
+
+def test_sharded_embeddings_equal_one_device():
+    # A real (random) encoder: 1 and 2 devices, and the plain unsharded path, give the
+    # same embeddings; an odd batch size is rounded up to the device count.
+    import jax
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from sqjax import models
+
+    assert jax.device_count() >= 2, "conftest sets two simulated CPU devices"
+    encoder = models.build_encoder("resnet_tiny", n_mels=16, embed_dim=8)
+    variables = encoder.init(jax.random.key(0), np.zeros((2, 120, 16), np.float32), train=False)
+    rng = np.random.default_rng(0)
+    feats = [rng.normal(size=(n, 16)).astype(np.float32) for n in (100, 100, 130, 250, 400)]
+    embed = jax.jit(lambda v, x: encoder.apply(v, x, train=False))
+    ref = extract_embeddings(embed, variables, feats, batch_size=3)
+    for n in (1, 2):
+        sharding = NamedSharding(Mesh(np.array(jax.devices()[:n]), ("data",)), P("data"))
+        seen = []
+
+        def spy(v, x, seen=seen):
+            seen.append((x.shape[0], x.sharding))
+            return embed(v, x)
+
+        got = extract_embeddings(spy, variables, feats, batch_size=3, sharding=sharding)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+        assert {b for b, _ in seen} == {3 if n == 1 else 4}
+        assert all(s == sharding for _, s in seen)  # each device embeds its rows only

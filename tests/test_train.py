@@ -177,3 +177,21 @@ def test_learned_centroids_are_trained_and_kept_by_refresh(tiny_config, tmp_path
         for a, b in zip(jax.tree.leaves(state.qstate), jax.tree.leaves(start))
     ]
     assert min(moved) > 0  # every codebook was trained (no refresh ran)
+
+
+def test_streamed_run_with_augmentation_resumes_exactly(tiny_config, tmp_path):
+    # data.input="stream": audio crops read per step, log-mel and augmentation (synthetic
+    # noises and impulse responses) in the jitted step; resume is still exact.
+    c = tiny_config.copy_and_resolve_references()
+    c.data.input, c.data.workers = "stream", 0
+    c.data.augment.p_noise = c.data.augment.p_reverb = 0.5
+    c.train.num_steps, c.train.checkpoint_every = 4, 2
+    result = runs.train_and_evaluate(c, tmp_path)
+    assert np.isfinite(result["eer"])
+    full = _params(tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "4")
+    runs.train_and_evaluate(c, tmp_path)
+    _assert_trees(full, _params(tmp_path))
+    c.data.input = "cache"
+    with pytest.raises(ValueError, match="changed: data.input"):
+        runs.train_and_evaluate(c, tmp_path)
