@@ -14,7 +14,8 @@ from collections.abc import Iterable
 
 import librosa
 import numpy as np
-import soundfile as sf
+
+from sqjax import fileio
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 
@@ -73,7 +74,7 @@ def _make_corpus(entries: dict[str, tuple[str, str]]) -> Corpus:
 def _read_table(path: str, what: str) -> dict[str, tuple[str, int]]:
     """Reads a Kaldi table ``key value...``: {key: (rest of the line, line number)}."""
     table: dict[str, tuple[str, int]] = {}
-    with open(path, encoding="utf-8") as f:
+    with fileio.as_path(path).open("r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -98,15 +99,15 @@ def read_kaldi_dir(path: str | os.PathLike) -> Corpus:
 
     Relative audio paths are resolved against the data dir itself (not the working
     directory, as Kaldi would), so a data dir can be moved with its audio. Piped commands
-    and archive offsets are not supported.
+    and archive offsets are not supported. ``path`` may be a URL (``gs://``, ``file://``).
     """
-    path = os.fspath(path)
-    wav_scp, utt2spk = os.path.join(path, "wav.scp"), os.path.join(path, "utt2spk")
-    if not os.path.isfile(wav_scp):
+    path = fileio.local(path)
+    wav_scp, utt2spk = fileio.join(path, "wav.scp"), fileio.join(path, "utt2spk")
+    if not fileio.as_path(wav_scp).is_file():
         raise DataError(
             f"{wav_scp}: not found; a Kaldi data dir needs wav.scp ('<utt> <path>' per line)"
         )
-    if not os.path.isfile(utt2spk):
+    if not fileio.as_path(utt2spk).is_file():
         raise DataError(
             f"{utt2spk}: not found; create it with one '<utt> <speaker>' line per "
             f"utterance of {wav_scp}"
@@ -132,8 +133,7 @@ def read_kaldi_dir(path: str | os.PathLike) -> Corpus:
                 f"{utt2spk}:{spk_line}: expected '<utt> <speaker>', got "
                 f"{utt} {speaker!r}; speaker ids cannot contain spaces"
             )
-        # join() keeps absolute paths; abspath so a later chdir cannot break them.
-        entries[utt] = (os.path.abspath(os.path.join(path, audio)), speaker)
+        entries[utt] = (fileio.join(path, audio), speaker)  # absolute paths are kept
     for utt, (_, lineno) in spks.items():
         if utt not in wavs:
             raise DataError(
@@ -149,14 +149,20 @@ def read_voxceleb_dir(root: str | os.PathLike) -> Corpus:
     """Reads a VoxCeleb tree ``root/<speaker>/<video>/<utt>.wav`` (or ``.flac``).
 
     Utterance id = the path relative to root with ``/`` separators; speaker = its first
-    component.
+    component. ``root`` may be a URL (``gs://``, ``file://``).
     """
-    root = os.path.abspath(os.fspath(root))
-    files = glob.glob(os.path.join(glob.escape(root), "*", "*", "*"))
+    if fileio.is_remote(root):
+        root = fileio.local(root).rstrip("/")
+        files = [str(f) for f in fileio.as_path(root).glob("*/*/*")]
+        is_file = lambda f: True  # an object store lists objects only
+    else:
+        root = os.path.abspath(fileio.local(root))
+        files = glob.glob(os.path.join(glob.escape(root), "*", "*", "*"))
+        is_file = os.path.isfile
     entries = {}
     for f in files:
-        if f.lower().endswith(AUDIO_EXTENSIONS) and os.path.isfile(f):
-            utt = os.path.relpath(f, root).replace(os.sep, "/")
+        if f.lower().endswith(AUDIO_EXTENSIONS) and is_file(f):
+            utt = f[len(root) + 1 :].replace(os.sep, "/")
             entries[utt] = (f, utt.split("/", 1)[0])
     if not entries:
         hint = ""
@@ -172,13 +178,14 @@ def read_voxceleb_dir(root: str | os.PathLike) -> Corpus:
 
 def read_corpus(path: str | os.PathLike) -> Corpus:
     """A Kaldi data dir if ``path/wav.scp`` exists, else a VoxCeleb tree."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        what = "not a directory" if os.path.exists(path) else "does not exist"
+    path = fileio.local(path)
+    folder = fileio.as_path(path)
+    if not folder.is_dir():
+        what = "not a directory" if folder.exists() else "does not exist"
         raise DataError(
             f"{path}: {what}; pass a Kaldi data dir (with wav.scp and utt2spk) or a VoxCeleb root"
         )
-    if os.path.exists(os.path.join(path, "wav.scp")):
+    if fileio.as_path(fileio.join(path, "wav.scp")).exists():
         return read_kaldi_dir(path)
     return read_voxceleb_dir(path)
 
@@ -212,12 +219,12 @@ def read_trials(path: str | os.PathLike, corpus: Corpus | None = None) -> Trials
     The format is detected per line; blank lines are skipped. With ``corpus``, every
     utterance must be in it.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
+    path = fileio.local(path)
+    if not fileio.as_path(path).is_file():
         raise DataError(f"{path}: trial list not found; check the path")
     known = set(corpus.utts) if corpus is not None else None
     enroll, test, labels = [], [], []
-    with open(path, encoding="utf-8") as f:
+    with fileio.as_path(path).open("r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
@@ -254,13 +261,15 @@ def load_audio(
 ) -> np.ndarray:
     """Reads an audio file as float32 mono at ``sample_rate``: shape (samples,).
 
-    Channels are averaged; other rates are resampled with librosa (soxr_hq).
+    Channels are averaged; other rates are resampled with librosa (soxr_hq). ``path``
+    may be a URL (``gs://``, ``file://``).
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
+    path = fileio.local(path)
+    if not fileio.as_path(path).is_file():
         raise DataError(f"{path}: audio file not found; check the corpus paths")
     try:
-        wave, sr = sf.read(path, dtype="float32", always_2d=True)
+        with fileio.sound_file(path) as f:
+            sr, wave = f.samplerate, f.read(dtype="float32", always_2d=True)
     except (RuntimeError, OSError, TypeError) as err:  # libsndfile: not audio / truncated
         raise DataError(
             f"{path}: cannot read audio ({err}); the file is corrupt or not "

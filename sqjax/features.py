@@ -27,6 +27,7 @@ import librosa
 import numpy as np
 from tqdm.auto import tqdm
 
+from sqjax import fileio
 from sqjax.data import Corpus, DataError, load_audio
 from sqjax.workdir import atomic_write
 
@@ -180,16 +181,21 @@ def _cache_file(cache_dir: str, utt: str, path: str, params: dict) -> str:
     both size and mtime (``rsync -t`` of other audio of equal length, or a filesystem with
     coarse timestamps within one tick) goes unnoticed: delete the cache then.
     """
-    real = os.path.realpath(path)
     try:
-        st = os.stat(real)
+        if fileio.is_remote(path):  # an object's URL, size and mtime (in seconds)
+            real, st = fileio.local(path), fileio.as_path(path).stat()
+            size, mtime = st.length, st.mtime
+        else:
+            real = os.path.realpath(fileio.local(path))
+            st = os.stat(real)
+            size, mtime = st.st_size, st.st_mtime_ns
     except FileNotFoundError as err:
         raise DataError(f"{path}: audio file not found; check the corpus paths") from err
     except OSError as err:
         raise DataError(
             f"{path}: cannot stat the audio file ({err}); check its permissions"
         ) from err
-    key = json.dumps([real, st.st_size, st.st_mtime_ns, params], sort_keys=True)
+    key = json.dumps([real, size, mtime, params], sort_keys=True)
     digest = hashlib.sha1(key.encode("utf-8")).hexdigest()
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", utt)[-60:]
     # 256 shards keep directories small for million-utterance corpora.

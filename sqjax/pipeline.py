@@ -31,8 +31,8 @@ import grain
 import jax
 import librosa
 import numpy as np
-import soundfile as sf
 
+from sqjax import fileio
 from sqjax.data import DataError
 
 
@@ -107,7 +107,7 @@ def read_crop(path: str, n_samples: int, sample_rate: int, rng: np.random.Genera
     reading only the crop; shorter files are repeated to fit. Other rates are resampled
     (the crop is read at the file's rate, long enough to cover ``n_samples``)."""
     try:
-        with sf.SoundFile(path) as f:
+        with fileio.sound_file(path) as f:
             sr, total = f.samplerate, f.frames
             need = n_samples if sr == sample_rate else math.ceil(n_samples * sr / sample_rate) + 8
             if total > need:

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from sqjax import data as data_lib
-from sqjax import features, synth
+from sqjax import features, fileio, synth
 
 log = logging.getLogger("sqjax")
 
@@ -91,8 +91,15 @@ def data_cache_dir(
     it: entries are keyed by the audio files themselves (see ``features._cache_file``);
     the folder lets a user see, and delete, one data dir's features.
     """
-    real = os.path.realpath(os.fspath(data_dir))
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(real))[-40:] or "root"
+    if fileio.is_remote(cache_dir):
+        raise ValueError(
+            f"config.data.feature_cache={os.fspath(cache_dir)!r}: the feature cache must be a "
+            f"local folder (features are memory-mapped); data dirs may be remote"
+        )
+    cache_dir = fileio.local(cache_dir)
+    data_dir = fileio.local(data_dir)
+    real = data_dir.rstrip("/") if fileio.is_remote(data_dir) else os.path.realpath(data_dir)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", real.rsplit("/", 1)[-1])[-40:] or "root"
     digest = hashlib.sha1(real.encode("utf-8")).hexdigest()[:12]
     suffix = "" if kind == "logmel" else f"-{kind}"
     return os.path.join(os.fspath(cache_dir), f"{name}-{digest}{suffix}")

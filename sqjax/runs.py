@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sqjax import evaluate, export, metrics, prepare, train
+from sqjax import evaluate, export, fileio, metrics, prepare, train
 from sqjax import workdir as workdir_lib
 from sqjax.pipeline import CropSampler
 
@@ -126,7 +126,7 @@ def evaluate_run(
     When ``config.eval.baseline`` is set, the raw-feature baseline's metrics on the same
     trials are added under ``baseline/`` (standardised with ``train_split``'s statistics).
     """
-    workdir = Path(workdir)
+    workdir = fileio.as_path(workdir)
     split = split or prepare.test_data(config)
     scores = score_variables(config, variables, split)
     labels = split.trials.labels

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from sqjax import models, prepare
+from sqjax import fileio, models, prepare
 from sqjax import workdir as workdir_lib
 from sqjax.pipeline import CropSampler, WaveSampler, prefetch
 
@@ -239,26 +239,28 @@ def stream_input(config: ml_collections.ConfigDict, n_frames: int) -> tuple[Call
     """``(featurize, banks, n_samples)`` of streamed training input (``data.input="stream"``).
 
     Crops are ``n_samples`` of audio, which ``featurize(step, wave, banks)`` turns into
-    ``n_frames`` of mean-normalised log-mel inside the jitted step, after augmenting them
+    ``n_frames`` of mean-normalised features (``config.features.kind``: log-mel or Kaldi
+    fbank, ``sqjax.jaxfeatures``) inside the jitted step, after augmenting them
     (``config.data.augment``): reverberation, then additive noise, each with its
     probability, drawn from a key of ``(seed, step)``. ``banks`` holds the noises and
     impulse responses: read from ``noise_dir`` / ``rir_dir`` (MUSAN / RIRS_NOISES-style
     folders) or synthetic ones when those are empty.
     """
-    from sqjax import augment, jaxfeatures
+    from sqjax import augment, features, jaxfeatures
     from sqjax.config import ConfigError
 
-    d, a = config.data, config.data.augment
-    if config.features.kind != "logmel":
-        raise ConfigError(
-            f"config.features.kind={config.features.kind!r} with config.data.input='stream': "
-            f"features on the device are log-mel only; use data.input='cache' for Kaldi fbank"
-        )
+    d, a, kind = config.data, config.data.augment, config.features.kind
+    extract = {"logmel": jaxfeatures.logmel, "kaldi": jaxfeatures.kaldi_fbank}.get(kind)
+    if extract is None:
+        raise ConfigError(f"config.features.kind={kind!r}: use 'logmel' or 'kaldi'")
     for key in ("p_noise", "p_reverb"):
         if not 0.0 <= a[key] <= 1.0:
             raise ConfigError(f"config.data.augment.{key}={a[key]} must be within [0, 1]")
     sr = d.sample_rate
     n_samples = jaxfeatures.frames_to_samples(n_frames, sample_rate=sr)
+    if kind == "kaldi":  # Kaldi frames span the window, not the FFT size
+        n_fft, win, _ = features._frame_params(sr, 25.0, 10.0)
+        n_samples -= n_fft - win
     banks = {}
     if a.p_noise > 0:
         n = round(a.noise_seconds * sr)
@@ -291,7 +293,7 @@ def stream_input(config: ml_collections.ConfigDict, n_frames: int) -> tuple[Call
                 p_reverb=p_reverb,
                 snr_db=snr_db,
             )
-        return jaxfeatures.logmel(wave, sample_rate=sr, n_mels=n_mels, mean_norm=True)
+        return extract(wave, sample_rate=sr, n_mels=n_mels, mean_norm=True)
 
     return featurize, banks, n_samples
 
@@ -397,7 +399,7 @@ def train(
             raise ValueError(f"config.train.{key}={t[key]} must be positive")
     if q.bits and q.refresh_every <= 0:
         raise ValueError(f"config.quant.refresh_every={q.refresh_every} must be positive")
-    workdir = Path(workdir)
+    workdir = fileio.as_path(workdir)
     is_main = jax.process_index() == 0
     mesh = make_mesh(config.num_devices)
     n_dev = mesh.devices.size
@@ -506,8 +508,7 @@ def train(
                 row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
                 row.update(step=done, examples_per_s=rate)
                 if is_main:
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    workdir_lib.append_line(log_path, json.dumps(row))
                     for k, v in row.items():
                         if k != "step":
                             writer.add_scalar(f"train/{k}", v, done)

@@ -1,5 +1,6 @@
-"""A run directory on disk: ``config.json``, orbax checkpoints, the resume policy, and
-the package's one atomic-write helper.
+"""A run directory: ``config.json``, orbax checkpoints, the resume policy, and the
+package's one atomic-write helper. A run directory may be local or remote (``gs://``,
+``s3://``; ``file://`` URLs are local), see ``sqjax.fileio``.
 
 Restoring takes its template and sharding from the caller, so this module imports
 nothing of sqjax above it. JAX and orbax are imported where used: the corpus generator's
@@ -9,6 +10,7 @@ worker processes write files through ``atomic_write`` and should not load them.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import tempfile
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import ml_collections
+
+from sqjax import fileio
 
 
 def _umask() -> int:
@@ -28,8 +32,18 @@ def _umask() -> int:
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes]], Any]) -> None:
     """Writes ``data`` (bytes, text, or a function of a binary file) to ``path`` through a
     temporary file in the same directory and ``os.replace``: readers never see half a file,
-    and an interrupted write leaves the old file (or none)."""
-    path = os.fspath(path)
+    and an interrupted write leaves the old file (or none). On an object store the object
+    is uploaded whole (an upload is atomic there)."""
+    if fileio.is_remote(path):
+        buf = io.BytesIO()
+        if callable(data):
+            data(buf)
+        else:
+            buf.write(data.encode() if isinstance(data, str) else data)
+        fileio.as_path(path).parent.mkdir(parents=True, exist_ok=True)
+        fileio.as_path(path).write_bytes(buf.getvalue())
+        return
+    path = fileio.local(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sqjax-", suffix=".tmp")
@@ -53,12 +67,23 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Appends ``line`` and a newline to a (small) log file; an object store cannot append,
+    so there the object is rewritten whole."""
+    if fileio.is_remote(path):
+        p = fileio.as_path(path)
+        atomic_write(path, (p.read_text() if p.exists() else "") + line + "\n")
+        return
+    with open(fileio.local(path), "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
 def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The config a run in ``workdir`` was started with; settings added to sqjax after it
     started are there at their defaults (how the run ran)."""
     from sqjax.config import default_config
 
-    path = Path(workdir) / "config.json"
+    path = fileio.as_path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a sqjax run directory?")
     return ml_collections.ConfigDict(
@@ -80,7 +105,11 @@ def checkpoint_manager(workdir: str | os.PathLike, keep: int):
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=False
     )
-    return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options)
+    if fileio.is_remote(workdir):
+        folder = fileio.as_path(workdir) / "checkpoints"
+    else:
+        folder = Path(os.path.abspath(fileio.local(workdir))) / "checkpoints"
+    return ocp.CheckpointManager(folder, options=options)
 
 
 def restore(mngr, step: int, target: Any, sharding) -> Any:
@@ -103,13 +132,14 @@ def restore_latest(
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(
-                f"no checkpoint in {Path(workdir) / 'checkpoints'}: train the run first"
+                f"no checkpoint in {fileio.as_path(workdir) / 'checkpoints'}: train the run first"
             )
         return restore(mngr, step, target, sharding)
 
 
-def truncate_log(path: Path, step: int) -> None:
+def truncate_log(path: str | os.PathLike, step: int) -> None:
     """Drops JSONL rows past ``step``: a resumed run redoes those steps and logs them again."""
+    path = fileio.as_path(path)
     if path.exists():
         rows = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= step]
         atomic_write(path, "".join(r + "\n" for r in rows))

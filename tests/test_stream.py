@@ -160,3 +160,32 @@ def test_streamed_training_memory_does_not_grow_with_the_corpus(tmp_path):
 def test_frames_to_samples_gives_the_training_crop_length():
     n = jaxfeatures.frames_to_samples(200)
     assert 1 + (n - 512) // 160 == 200 and 1 + (n - 1 - 512) // 160 == 199
+
+
+@pytest.mark.parametrize("kind", ["logmel", "kaldi"])
+def test_stream_features_equal_the_host_features(kind):
+    from sqjax import features, train
+    from sqjax.config import default_config
+
+    c = default_config()
+    c.features.kind, c.model.n_mels = kind, 40
+    featurize, banks, n = train.stream_input(c, 50)
+    assert banks == {}  # no augmentation by default
+    wave = (0.1 * np.random.default_rng(0).normal(size=(2, n))).astype(np.float32)
+    got = np.asarray(featurize(0, wave, banks))
+    host = {"logmel": features.logmel, "kaldi": features.kaldi_fbank}[kind]
+    ref = np.stack([host(w, 16000, 40, mean_norm=True) for w in wave])
+    assert got.shape == ref.shape == (2, 50, 40)
+    np.testing.assert_allclose(got, ref, atol=5e-4)
+
+    c.data.augment.p_noise = c.data.augment.p_reverb = 1.0
+    featurize, banks, _ = train.stream_input(c, 50)
+    assert banks["noises"].shape == (64, 96000) and banks["rirs"].shape == (64, 16000)
+    a, b = (np.asarray(featurize(s, wave, banks)) for s in (0, 1))
+    assert not np.allclose(a, got, atol=0.1) and not np.allclose(a, b, atol=0.1)
+    np.testing.assert_array_equal(
+        a, np.asarray(featurize(0, wave, banks))
+    )  # a function of the step
+    c.data.augment.p_noise = 1.5
+    with pytest.raises(ValueError, match="p_noise=1.5 must be within"):
+        train.stream_input(c, 50)

@@ -1,0 +1,54 @@
+"""Local and remote paths: work dirs, data lists, audio and checkpoints on ``gs://``,
+``s3://`` (and whatever else ``etils.epath`` serves), ``file://`` URLs taken as local.
+
+Local paths keep plain ``os`` calls (and ``atomic_write``'s rename); remote ones go
+through ``epath`` (install its backend too: ``pip install gcsfs`` or ``s3fs``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import soundfile as sf
+from etils import epath
+
+
+def local(path: str | os.PathLike) -> str:
+    """``path`` as a string, a ``file://`` URL turned into its local path."""
+    text = os.fspath(path)
+    return text.removeprefix("file://") if text.startswith("file://") else text
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an object store (``gs://``, ``s3://``, ...), not a file."""
+    return "://" in local(path)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """An ``epath.Path`` for a local path, a ``file://`` URL or a remote URL."""
+    return epath.Path(local(path))
+
+
+def join(base: str | os.PathLike, name: str) -> str:
+    """``name`` relative to directory ``base``: absolute local paths and URLs are kept;
+    local results are absolute (a later ``chdir`` cannot break them)."""
+    base = local(base)
+    if is_remote(name) or name.startswith("file://"):
+        return local(name)
+    if is_remote(base):
+        return name if name.startswith("/") else f"{base.rstrip('/')}/{name}"
+    return os.path.abspath(os.path.join(base, name))
+
+
+@contextlib.contextmanager
+def sound_file(path: str | os.PathLike) -> Iterator[sf.SoundFile]:
+    """An open ``soundfile.SoundFile`` of a local or remote audio file (libsndfile's
+    errors pass through: ``RuntimeError`` for what is not audio)."""
+    if is_remote(path):
+        with as_path(path).open("rb") as raw, sf.SoundFile(raw) as f:
+            yield f
+    else:
+        with sf.SoundFile(local(path)) as f:
+            yield f
