@@ -43,7 +43,9 @@ def run(config_path: str, variant: str, steps: int, workers: int) -> float:
     c.head.num_classes = data.n_speakers
     with tempfile.TemporaryDirectory() as tmp:
         train.train(c, Path(tmp) / "run", data)
-        rows = [json.loads(r) for r in (Path(tmp) / "run" / "metrics.jsonl").read_text().split()]
+        rows = [
+            json.loads(r) for r in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+        ]
     return statistics.median(r["examples_per_s"] for r in rows[1:])
 
 

@@ -92,7 +92,10 @@ def sliced_conv(examples: int) -> Callable:
             k = max(d for d in range(1, min(MAX_SLICES, max(n // examples, 1)) + 1) if n % d == 0)
             # Unrolled: in a lax.scan, XLA:CPU ran these 30x slower than the whole batch.
             kernel_grad = lambda x, dy: jax.vjp(lambda w: plain(x, w), w)[1](dy)[0]
-            return dx, functools.reduce(jnp.add, [kernel_grad(x[c::k], dy[c::k]) for c in range(k)])
+            # Summed in float32 (a no-op for float32 kernels): k bf16 roundings of the
+            # partial sums doubled the kernel gradient's error against the plain conv's.
+            parts = [kernel_grad(x[c::k], dy[c::k]).astype(jnp.float32) for c in range(k)]
+            return dx, functools.reduce(jnp.add, parts).astype(w.dtype)
 
         f.defvjp(fwd, bwd)
         return f(lhs, rhs)
