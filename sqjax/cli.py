@@ -57,6 +57,8 @@ def _init_distributed(config) -> None:
     if config.distributed:  # once per process, before any computation
         import jax
 
+        # CPU processes exchange gradients through gloo (GPUs and TPUs ignore this).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize()
 
 

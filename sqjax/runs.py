@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from sqjax import evaluate, export, fileio, metrics, prepare, train
 from sqjax import workdir as workdir_lib
-from sqjax.pipeline import CropSampler
+from sqjax.pipeline import CropSampler, WaveSampler
 
 log = logging.getLogger("sqjax")
 
@@ -181,13 +181,23 @@ def evaluate_workdir(
 
 def reestimated_variables(config, variables: dict, data: prepare.Split, n_utts: int) -> dict:
     """``variables`` with BatchNorm statistics re-estimated on ``n_utts`` random training
-    crops (``config.train.n_frames`` long), in batches of ``config.eval.batch_size``."""
-    sampler = CropSampler(data.feats, data.labels, config.train.n_frames, config.seed)
-    bs = config.eval.batch_size
-    batches = (
-        jnp.asarray(sampler.batch(1_000_000 + i, bs)["feats"])  # steps training never draws
-        for i in range(max(1, math.ceil(n_utts / bs)))
-    )
+    crops (``config.train.n_frames`` long), in batches of ``config.eval.batch_size``; of
+    streamed ``data`` (``prepare.training_input``), crops of the audio, not augmented."""
+    n_frames, bs = config.train.n_frames, config.eval.batch_size
+    if data.raw_feats is None:
+        plain = ml_collections.ConfigDict(config.to_dict())
+        plain.data.augment.p_noise = plain.data.augment.p_reverb = 0.0
+        featurize, _, n_samples = train.stream_input(plain, n_frames)
+        featurize = jax.jit(featurize)
+        sampler = WaveSampler(
+            data.corpus.paths, data.labels, n_samples, config.data.sample_rate, config.seed
+        )
+        draw = lambda step: featurize(0, jnp.asarray(sampler.batch(step, bs)["wave"]), {})
+    else:
+        sampler = CropSampler(data.feats, data.labels, n_frames, config.seed)
+        draw = lambda step: jnp.asarray(sampler.batch(step, bs)["feats"])
+    # Steps training never draws.
+    batches = (draw(1_000_000 + i) for i in range(max(1, math.ceil(n_utts / bs))))
     stats = train.reestimate_batch_stats(train.build_encoder(config), variables, batches)
     return {"params": variables["params"], "batch_stats": stats}
 
@@ -215,7 +225,7 @@ def ptq_workdir(
         raise ValueError(f"{workdir} is a QAT run ({config.quant.bits} bits): give an FP32 run")
     config.eval.baseline = False
     split = prepare.test_data(config)
-    data = prepare.training_data(config) if bn_utts > 0 else None
+    data = prepare.training_input(config) if bn_utts > 0 else None
     step = int(state.step)
     fp32 = evaluate.encoder_variables(state)
     rows = {"fp32": evaluate_run(config, out, fp32, step=step, split=split, tag="fp32")}

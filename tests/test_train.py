@@ -192,6 +192,16 @@ def test_streamed_run_with_augmentation_resumes_exactly(tiny_config, tmp_path):
     shutil.rmtree(tmp_path / "checkpoints" / "4")
     runs.train_and_evaluate(c, tmp_path)
     _assert_trees(full, _params(tmp_path))
+    # PTQ re-estimates BatchNorm on crops of the audio (no feature extraction of the
+    # training set): the statistics move off the FP32 ones.
+    config, state, _ = runs.restore_run(tmp_path)
+    data = prepare.training_input(config)
+    assert data.raw_feats is None
+    variables = runs.ptq_variables(config, state, 2)
+    stats = runs.reestimated_variables(config, variables, data, 16)["batch_stats"]
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), stats, state.batch_stats)
+    assert min(jax.tree.leaves(moved)) > 0
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(stats))
     c.data.input = "cache"
     with pytest.raises(ValueError, match="changed: data.input"):
         runs.train_and_evaluate(c, tmp_path)
