@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sqjax import fileio
 from sqjax.data import DataError, load_audio
 
 _AUDIO_EXTENSIONS = (".wav", ".flac")
@@ -129,19 +130,23 @@ def load_bank(
     Returns:
       (files, samples) float32.
     """
-    folder = os.fspath(folder)
+    folder = fileio.local(folder)
     if max_files is not None and max_files < 1:
         raise ValueError(f"max_files must be >= 1 or None, got {max_files}")
     if fill not in ("tile", "zeros"):
         raise ValueError(f"fill must be 'tile' or 'zeros', got {fill!r}")
-    if not os.path.isdir(folder):
+    if not fileio.as_path(folder).is_dir():
         raise DataError(f"{folder}: not a directory; pass the folder holding the audio files")
-    paths = sorted(
-        os.path.join(root, name)
-        for root, _, names in os.walk(folder)
-        for name in names
-        if name.lower().endswith(_AUDIO_EXTENSIONS)
-    )
+    if fileio.is_remote(folder):  # the store's walk names folders without the scheme
+        scheme = folder.split("://", 1)[0]
+        walk = (
+            (f"{scheme}://{str(r).split('://')[-1]}", d, n)
+            for r, d, n in fileio.as_path(folder).walk()
+        )
+    else:
+        walk = os.walk(folder)
+    found = (f"{r.rstrip('/')}/{name}" for r, _, names in walk for name in names)
+    paths = sorted(f for f in found if f.lower().endswith(_AUDIO_EXTENSIONS))
     if not paths:
         raise DataError(
             f"{folder}: no .wav or .flac files under it; point it at the unpacked MUSAN or "

@@ -85,7 +85,9 @@ def default_config() -> ml_collections.ConfigDict:
         }
     )
     c.data.sample_rate = 16000
-    c.data.min_seconds = 0.5  # shorter files are an error, not silently padded
+    # Shorter files are an error, not silently padded (streamed training input, which
+    # never reads whole files up front, repeats a short file to fill its crop).
+    c.data.min_seconds = 0.5
     c.data.workers = 2
 
     c.model = ml_collections.ConfigDict()

@@ -107,12 +107,13 @@ def _run_sharded(
     embed: EmbedFn, variables, sharding: jax.sharding.NamedSharding, x: list[np.ndarray]
 ) -> np.ndarray:
     """One global batch split over the mesh; this process supplies only its rows."""
-    n_proc, proc = jax.process_count(), jax.process_index()
-    per = len(x) // n_proc
-    local = np.stack(x[proc * per : (proc + 1) * per]).astype(np.float32)
+    from sqjax.pipeline import process_rows
+
+    lo, hi = process_rows(sharding, len(x))
+    local = np.stack(x[lo:hi]).astype(np.float32)
     shape = (len(x), *local.shape[1:])
     emb = embed(variables, jax.make_array_from_process_local_data(sharding, local, shape))
-    if n_proc == 1:
+    if jax.process_count() == 1:
         return np.asarray(emb)
     from jax.experimental import multihost_utils
 

@@ -173,8 +173,8 @@ def _frame_samples(params: dict) -> tuple[int, int]:
 def _cache_file(cache_dir: str, utt: str, path: str, params: dict) -> str:
     """Cache path of one utterance's features: keyed by what determines them.
 
-    The key hashes the resolved audio path, its size and mtime_ns, and the feature
-    parameters, so equal utterance ids of two data dirs, audio rewritten in place, and
+    The key hashes the resolved audio path, its size and mtime_ns (of an object on a
+    store: its size and version, ``fileio.version``), and the feature parameters, so equal utterance ids of two data dirs, audio rewritten in place, and
     other settings all get their own entry (the old one is left behind, never served). The
     id only makes the name readable. Stats the file: a missing one is a DataError.
     Stat, not a content hash, so a cache hit never reads the audio; a rewrite that keeps
@@ -182,9 +182,8 @@ def _cache_file(cache_dir: str, utt: str, path: str, params: dict) -> str:
     coarse timestamps within one tick) goes unnoticed: delete the cache then.
     """
     try:
-        if fileio.is_remote(path):  # an object's URL, size and mtime (in seconds)
-            real, st = fileio.local(path), fileio.as_path(path).stat()
-            size, mtime = st.length, st.mtime
+        if fileio.is_remote(path):  # an object's URL, size and version (fileio.version)
+            real, size, mtime = fileio.local(path), 0, fileio.version(path)
         else:
             real = os.path.realpath(fileio.local(path))
             st = os.stat(real)

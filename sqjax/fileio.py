@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 from collections.abc import Iterator
 
 import soundfile as sf
@@ -31,6 +32,18 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     return epath.Path(local(path))
 
 
+def local_dir(path: str | os.PathLike, what: str = "--workdir") -> pathlib.Path:
+    """``path`` (a local path or ``file://`` URL) as a ``pathlib.Path``; a ValueError
+    naming ``what`` for an object-store URL, in the commands that work on local run
+    directories only (all but ``train`` and ``eval``)."""
+    if is_remote(path):
+        raise ValueError(
+            f"{what}={os.fspath(path)}: this command works on local run directories only "
+            f"(train and eval also take gs:// and s3:// ones); copy the run to a local folder"
+        )
+    return pathlib.Path(local(path))
+
+
 def join(base: str | os.PathLike, name: str) -> str:
     """``name`` relative to directory ``base``: absolute local paths and URLs are kept;
     local results are absolute (a later ``chdir`` cannot break them)."""
@@ -40,6 +53,27 @@ def join(base: str | os.PathLike, name: str) -> str:
     if is_remote(base):
         return name if name.startswith("/") else f"{base.rstrip('/')}/{name}"
     return os.path.abspath(os.path.join(base, name))
+
+
+# What object stores report of a version, most specific first (GCS, S3, Azure, others).
+_VERSION_KEYS = ("generation", "ETag", "etag", "md5Hash", "LastModified", "last_modified")
+_VERSION_KEYS += ("updated", "mtime", "created")
+
+
+def version(path: str | os.PathLike) -> str:
+    """What identifies the current content of a remote object without reading it: its
+    size and the store's version (GCS generation, S3 ETag, or a modification time)."""
+    import fsspec
+
+    fs, name = fsspec.core.url_to_fs(local(path))
+    info = fs.info(name)
+    for key in _VERSION_KEYS:
+        if info.get(key):
+            return f"{info.get('size')}:{key}={info[key]}"
+    raise OSError(
+        f"the store reports no version or modification time of {local(path)} "
+        f"(fields: {sorted(info)}); set config.data.feature_cache='' to read it uncached"
+    )
 
 
 @contextlib.contextmanager

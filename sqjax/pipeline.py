@@ -163,23 +163,43 @@ def _local_batch(sampler, global_batch: int, lo: int, hi: int, step: int):
     return sampler.batch(step, global_batch, lo, hi)
 
 
+def process_rows(sharding: jax.sharding.Sharding, global_batch: int) -> tuple[int, int]:
+    """``(lo, hi)``: the rows of a ``global_batch`` that this process's devices hold under
+    ``sharding`` (what it passes to ``jax.make_array_from_process_local_data``). They
+    must be one contiguous range: ``sqjax.train.make_mesh`` orders devices by process."""
+    if global_batch % jax.process_count():
+        raise ValueError(
+            f"config.train.batch_size={global_batch} is not divisible by "
+            f"{jax.process_count()} processes"
+        )
+    spans = sorted(
+        (ix[0].start or 0, global_batch if ix[0].stop is None else ix[0].stop)
+        for ix in sharding.addressable_devices_indices_map((global_batch,)).values()
+    )
+    lo, hi = spans[0][0], spans[0][0]
+    for start, stop in spans:  # replicas repeat a span; a gap breaks the contiguity
+        if start > hi:
+            raise ValueError(
+                f"this process holds rows {spans} of the batch, not one contiguous range: "
+                f"build the mesh with sqjax.train.make_mesh (devices ordered by process)"
+            )
+        hi = max(hi, stop)
+    return lo, hi
+
+
 def local_batches(
     sampler: CropSampler | WaveSampler,
     start_step: int,
     num_steps: int,
     global_batch: int,
+    rows: tuple[int, int] | None = None,
     workers: int = 0,
 ) -> grain.IterDataset:
-    """This process's slices of global batches ``[start_step, num_steps)``, as a Grain
-    dataset (NumPy dicts, in step order); ``workers > 0`` builds them in that many
+    """Rows ``[lo, hi)`` (default: all) of global batches ``[start_step, num_steps)``, as a
+    Grain dataset (NumPy dicts, in step order); ``workers > 0`` builds them in that many
     worker processes (the sampler is pickled to them: use it for ``WaveSampler``)."""
-    n_proc, proc = jax.process_count(), jax.process_index()
-    if global_batch % n_proc:
-        raise ValueError(
-            f"config.train.batch_size={global_batch} is not divisible by {n_proc} processes"
-        )
-    local = global_batch // n_proc
-    fn = functools.partial(_local_batch, sampler, global_batch, proc * local, (proc + 1) * local)
+    lo, hi = rows or (0, global_batch)
+    fn = functools.partial(_local_batch, sampler, global_batch, lo, hi)
     ds = grain.MapDataset.range(start_step, num_steps).map(fn)
     it = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=0 if workers else 1, prefetch_buffer_size=2)
@@ -205,16 +225,20 @@ def prefetch(
     """Yields global batches for steps ``[start_step, num_steps)``, placed with
     ``sharding`` from a background thread.
 
-    Each process builds only its own slice of the global batch (``local_batches``) and
-    ``jax.make_array_from_process_local_data`` assembles the global, sharded array.
+    Each process builds only the rows its devices hold (``process_rows``,
+    ``local_batches``) and ``jax.make_array_from_process_local_data`` assembles the
+    global, sharded array. Close the generator (or exhaust it) to stop the thread and
+    Grain's worker processes.
     """
-    batches = local_batches(sampler, start_step, num_steps, global_batch, workers)
+    rows = process_rows(sharding, global_batch)
+    batches = local_batches(sampler, start_step, num_steps, global_batch, rows, workers)
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def work():
+        it = iter(batches)
         try:
-            for local in batches:
+            for local in it:
                 if stop.is_set():
                     return
                 q.put(
@@ -225,6 +249,9 @@ def prefetch(
                 )
         except BaseException as e:  # noqa: BLE001 -- re-raised in the consumer, not swallowed
             q.put(e)
+        finally:
+            if hasattr(it, "close"):  # Grain's multiprocess iterator: stop its workers
+                it.close()
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()

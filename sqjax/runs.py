@@ -132,6 +132,11 @@ def evaluate_run(
     labels = split.trials.labels
     result = metrics.verification_metrics(scores, labels)
     if config.eval.baseline:
+        if train_split is None and config.data.input == "stream":
+            log.warning(
+                "eval.baseline=True with streamed input: extracting features of the whole "
+                "training set for the baseline's statistics (set eval.baseline=False to skip)"
+            )
         train_split = train_split or prepare.training_data(config)
         base = evaluate.raw_feature_baseline(train_split.raw_feats, split.raw_feats)
         enroll, test = evaluate.trial_indices(
@@ -218,8 +223,8 @@ def ptq_workdir(
     training crops, as ``<b>bit+bn``. Writes ``metrics_ptq<b>[_bn].json`` and ``ptq.json``
     to ``out`` (default: ``workdir``) and returns the rows, ``fp32`` first.
     """
-    workdir = Path(workdir)
-    out = Path(out or workdir)
+    workdir = fileio.local_dir(workdir)
+    out = fileio.local_dir(out or workdir, "out")
     config, state, quantizer = restore_run(workdir)
     if quantizer is not None:
         raise ValueError(f"{workdir} is a QAT run ({config.quant.bits} bits): give an FP32 run")
@@ -270,7 +275,7 @@ def export_workdir(workdir: str | Path, out: str | Path | None = None, bits: int
     quantization). Returns ``(path, SizeReport)``; the default path is
     ``workdir/encoder_<b>bit.npz``. ``load_model_file`` reads it back.
     """
-    workdir = Path(workdir)
+    workdir = fileio.local_dir(workdir)
     config, state, quantizer = restore_run(workdir)
     if quantizer is not None:
         if bits and bits != config.quant.bits:

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sqjax import evaluate, metrics, models, prepare, quant, runs, train, uniform
+from sqjax import evaluate, fileio, metrics, models, prepare, quant, runs, train, uniform
 from sqjax.tables import format_table
 from sqjax.workdir import atomic_write, load_run_config, write_json
 
@@ -44,12 +44,13 @@ def quantization_study(config: ml_collections.ConfigDict, workdir: str | Path) -
     """FP32 training (unless ``config.quant.init_from`` names a trained run), then QAT
     fine-tuning from it at each width in ``config.quant.bits_list``, each in its own
     sub-run ``workdir/<b>bit``. Returns ``{"fp32": metrics, "<b>bit": metrics, ...}``,
-    also written to ``workdir/study.json``. Finished runs are not trained again."""
-    workdir = Path(workdir)
+    also written to ``workdir/study.json``. Finished runs are not trained again. Run
+    directories may be on an object store (``gs://``, ``s3://``)."""
+    workdir = fileio.as_path(workdir)
     q = config.quant
     rows = {}
     if q.init_from:
-        init_from = Path(q.init_from)
+        init_from = fileio.as_path(q.init_from)
         metrics_file = init_from / "metrics_test.json"
         if not metrics_file.exists():
             raise FileNotFoundError(
@@ -180,7 +181,7 @@ def analyze(
     result["calibration"] = None if cal is None else cal.to_dict()
     result["trials"] = {"data": config.data.test, "trials": config.data.test_trials}
 
-    out = Path(out)
+    out = fileio.local_dir(out, "out")
     if jax.process_index() == 0:
         arrays = {
             "precisions": np.array(names),
@@ -498,7 +499,7 @@ def analyze_layers(
             )
     result["trials"] = {"data": config.data.test, "trials": config.data.test_trials}
 
-    out = Path(out)
+    out = fileio.local_dir(out, "out")
     if jax.process_index() == 0:
         rows = [r for a in result["widths"].values() for r in a["layers"]]
         atomic_write(out / "layers.csv", _csv(rows, LAYER_CSV_COLUMNS))
@@ -666,7 +667,7 @@ def compare_grids(
     config = _with_data(config, data, trials)
     fp32 = evaluate.encoder_variables(state)
     params = fp32["params"]
-    out = Path(out) if out else Path(workdir) / "grids"
+    out = fileio.local_dir(out, "out") if out else fileio.local_dir(workdir) / "grids"
     qat_studies = list(qat_studies)
     for method, per_channel in GRID_METHODS if qat_bits else ():
         c = ml_collections.ConfigDict((qat_config or config).to_dict())
@@ -922,7 +923,7 @@ def run_cascade(
             arrays["chosen_stage"],
         )
 
-    out = Path(out)
+    out = fileio.local_dir(out, "out")
     if jax.process_index() == 0:
         curve, on_test = arrays["curve"], arrays["grid_test"]
         keys = list(cascade.METRIC_KEYS)
@@ -1117,7 +1118,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     width trains only that width (the analyses that list widths are redone).
     Returns the report's summary (``report.json``).
     """
-    workdir = Path(workdir)
+    workdir = fileio.local_dir(workdir)
     q, st = config.quant, config.study
     bits_list = tuple(sorted(q.bits_list, reverse=True))
 
@@ -1216,7 +1217,7 @@ def write_report(workdir: str | Path) -> dict:
     files, and ``report.json`` (the numbers and verdicts); returns the latter."""
     from sqjax.analysis import report
 
-    workdir = Path(workdir)
+    workdir = fileio.local_dir(workdir)
     info = _load(workdir / "study_info.json")
     if info is None:
         raise FileNotFoundError(f"{workdir}: no study_info.json; run `sqjax study` first")

@@ -9,6 +9,7 @@ mesh; the same code runs on one CPU, simulated CPU devices, GPUs and TPU hosts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -48,8 +49,9 @@ class TrainState:
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
-    """A 1-D ``data`` mesh over the first ``num_devices`` devices (0 = all)."""
-    devices = jax.devices()
+    """A 1-D ``data`` mesh over the first ``num_devices`` devices (0 = all), ordered by
+    process: each process holds one contiguous range of a batch's rows."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     if num_devices:
         if jax.process_count() > 1:
             raise ValueError("config.num_devices must be 0 (every device) in a multi-host run")
@@ -256,6 +258,13 @@ def stream_input(config: ml_collections.ConfigDict, n_frames: int) -> tuple[Call
     for key in ("p_noise", "p_reverb"):
         if not 0.0 <= a[key] <= 1.0:
             raise ConfigError(f"config.data.augment.{key}={a[key]} must be within [0, 1]")
+    for key in ("noise_seconds", "rir_seconds"):
+        if a[key] <= 0:
+            raise ConfigError(f"config.data.augment.{key}={a[key]} must be positive")
+    if len(a.snr_db) != 2 or a.snr_db[0] > a.snr_db[1]:
+        raise ConfigError(
+            f"config.data.augment.snr_db={tuple(a.snr_db)}: give (low, high) in dB, low <= high"
+        )
     sr = d.sample_rate
     n_samples = jaxfeatures.frames_to_samples(n_frames, sample_rate=sr)
     if kind == "kaldi":  # Kaldi frames span the window, not the FFT size
@@ -485,42 +494,41 @@ def train(
             disable=not (config.progress and is_main),
         )
         pending, tic = [], time.perf_counter()
-        on_cpu = jax.default_backend() == "cpu"
-        for step, batch in enumerate(
-            prefetch(
-                sampler,
-                start,
-                t.num_steps,
-                t.batch_size,
-                batch_sharding,
-                workers=config.data.workers if stream else 0,
-            ),
-            start=start,
-        ):
-            if quantizer is not None and step % q.refresh_every == 0 and step > 0:
-                state = state.replace(qstate=update(state.params["encoder"], state.qstate))
-            state, metrics = step_fn(state, batch, banks)
-            pending.append(metrics)
-            done = step + 1
-            if done % t.log_every == 0 or done == t.num_steps:
-                host = jax.device_get(pending)
-                rate = len(pending) * t.batch_size / (time.perf_counter() - tic)
-                row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                row.update(step=done, examples_per_s=rate)
-                if is_main:
-                    workdir_lib.append_line(log_path, json.dumps(row))
-                    for k, v in row.items():
-                        if k != "step":
-                            writer.add_scalar(f"train/{k}", v, done)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
-                bar.update(len(pending) * t.batch_size)
-                pending, tic = [], time.perf_counter()
-            elif done % 8 == 0 and on_cpu:
-                # Never queue many steps: sharded steps on simulated CPU devices deadlock
-                # in XLA's collectives when ~40 are in flight (a CPU-only workaround).
-                jax.block_until_ready(metrics)
-            if done % t.checkpoint_every == 0 or done == t.num_steps:
-                mngr.save(done, args=ocp.args.StandardSave(state))
+        batches = prefetch(
+            sampler,
+            start,
+            t.num_steps,
+            t.batch_size,
+            batch_sharding,
+            workers=config.data.workers if stream else 0,
+        )
+        with contextlib.closing(batches):  # stops the input thread and workers on errors
+            for step, batch in enumerate(batches, start=start):
+                if quantizer is not None and step % q.refresh_every == 0 and step > 0:
+                    state = state.replace(qstate=update(state.params["encoder"], state.qstate))
+                state, metrics = step_fn(state, batch, banks)
+                pending.append(metrics)
+                if len(pending) > 2:
+                    # At most two steps in flight: bounded device memory for queued inputs
+                    # (and sharded steps on simulated CPU devices deadlock in XLA's
+                    # collectives when ~40 are queued).
+                    jax.block_until_ready(pending[-3])
+                done = step + 1
+                if done % t.log_every == 0 or done == t.num_steps:
+                    host = jax.device_get(pending)
+                    rate = len(pending) * t.batch_size / (time.perf_counter() - tic)
+                    row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                    row.update(step=done, examples_per_s=rate)
+                    if is_main:
+                        workdir_lib.append_line(log_path, json.dumps(row))
+                        for k, v in row.items():
+                            if k != "step":
+                                writer.add_scalar(f"train/{k}", v, done)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
+                    bar.update(len(pending) * t.batch_size)
+                    pending, tic = [], time.perf_counter()
+                if done % t.checkpoint_every == 0 or done == t.num_steps:
+                    mngr.save(done, args=ocp.args.StandardSave(state))
         bar.close()
         if is_main:
             writer.close()

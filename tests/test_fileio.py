@@ -12,7 +12,7 @@ import soundfile as sf
 from etils import epath
 from fsspec.implementations.memory import MemoryFileSystem
 
-from sqjax import data, features, fileio, pipeline, prepare, runs, workdir
+from sqjax import augment, data, features, fileio, pipeline, prepare, runs, workdir
 
 
 class _FakeS3(MemoryFileSystem):
@@ -84,11 +84,27 @@ def test_remote_corpora_trials_and_audio(s3, tmp_path):
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 3
     with pytest.raises(ValueError, match="must be a local folder"):
         prepare.data_cache_dir(f"{s3}/cache", f"{s3}/kaldi")
+    # An object rewritten with other audio of the same size is not served from the cache.
+    _put_wav(corpus.paths[0], -waves["a"])
+    again = features.extract_features(corpus, cache_dir=cache, workers=1, progress=False)
+    np.testing.assert_allclose(again[0], features.logmel(-waves["a"]), atol=1e-5)
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 4
+
+    # A noise bank from a folder on the store (every audio object below it, sorted).
+    bank = augment.load_bank(f"{s3}/vox", sample_rate=16000, samples=2000)
+    np.testing.assert_array_equal(bank[1], np.resize(waves["b"], 2000))
+    assert bank.shape == (3, 2000)
 
     with pytest.raises(data.DataError, match=r"s3://bucket/nope/wav.scp: not found"):
         data.read_kaldi_dir(f"{s3}/nope")
     with pytest.raises(data.DataError, match=r"s3://bucket/kaldi/wav/zz.wav: audio file not found"):
         data.load_audio(f"{s3}/kaldi/wav/zz.wav")
+
+
+def test_commands_on_local_runs_only_name_the_url(s3):
+    for fn in (runs.ptq_workdir, runs.export_workdir):
+        with pytest.raises(ValueError, match=r"--workdir=s3://bucket/run: this command works"):
+            fn(f"{s3}/run")
 
 
 def test_remote_run_directory_files(s3):

@@ -1,6 +1,6 @@
 """Multi-host: two local processes joined by ``jax.distributed`` (CPU devices, gloo
-collectives) train, checkpoint, resume and evaluate together, and match one process
-with the same global batch."""
+collectives) train on streamed input, checkpoint, resume and evaluate together, and
+match one process with the same global batch."""
 
 import json
 import os
@@ -70,8 +70,11 @@ def _params(workdir):
 
 
 def test_two_processes_train_resume_and_evaluate_like_one(tiny_config, tmp_path):
+    # Streamed input with augmentation: Grain crops, features and noise in the step.
     c = tiny_config.copy_and_resolve_references()
     c.train.num_steps, c.train.checkpoint_every, c.eval.baseline = 4, 2, False
+    c.data.input, c.data.workers = "stream", 0
+    c.data.augment.p_noise = c.data.augment.p_reverb = 0.5
     prepare.training_data(c), prepare.test_data(c)  # corpus and feature cache, made once
     one = runs.train_and_evaluate(c, tmp_path / "one")  # one process, two devices
 

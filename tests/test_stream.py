@@ -188,3 +188,31 @@ def test_stream_features_equal_the_host_features(kind):
     c.data.augment.p_noise = 1.5
     with pytest.raises(ValueError, match="p_noise=1.5 must be within"):
         train.stream_input(c, 50)
+
+
+def test_closing_the_input_stops_its_thread_and_grain_workers(tmp_path):
+    import multiprocessing
+    import threading
+    import time
+
+    import jax
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from sqjax.pipeline import prefetch
+
+    paths, labels = _wave_corpus(tmp_path)
+    s = WaveSampler(paths, labels, n_samples=800, sample_rate=16000, seed=0)
+    sharding = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("data",)), P("data"))
+    threads = threading.active_count()
+    batches = prefetch(s, 0, 1000, 4, sharding, workers=2)
+    np.testing.assert_array_equal(np.asarray(next(batches)["wave"]), s.batch(0, 4)["wave"])
+    assert len(multiprocessing.active_children()) >= 2
+    batches.close()  # as a training loop that raised (contextlib.closing in train.train)
+    deadline = time.monotonic() + 30
+    while (multiprocessing.active_children() or threading.active_count() > threads) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    assert not multiprocessing.active_children()
+    assert threading.active_count() <= threads
