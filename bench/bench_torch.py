@@ -12,12 +12,16 @@ the inference forward pass (PyTorch in ``inference_mode``; sqjax's ``jitted_embe
 machine load; the table gives medians of warm steps and the ratio sqjax/PyTorch in
 examples/s (above 1: sqjax is faster). ``--conv-slice`` times sqjax once per value of
 ``train.conv_slice`` (examples per kernel-gradient slice; 0: the whole batch).
+``--cpu-devices 2`` runs sqjax data parallel over two simulated CPU devices (one per
+core; the batch sharded over them, as ``sqjax --cpu-devices 2 train`` and sharded
+evaluation do); PyTorch keeps its threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import time
 
 import numpy as np
@@ -101,20 +105,34 @@ def _torch_embed(net, x):
         return net.embed(x)
 
 
+def _shardings():
+    """(replicated, batch) shardings over every device (sqjax.train.make_mesh)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from sqjax import train
+
+    mesh = train.make_mesh()
+    return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
 class _JaxTrain:
-    """One jitted sqjax train step per call, on a fixed batch (the state is donated)."""
+    """One jitted sqjax train step per call, on a fixed batch (the state is donated),
+    data parallel over every device."""
 
     def __init__(self, encoder, head, tx, x, y, n_frames):
         import jax
 
         from sqjax import train
 
-        self.state = train.create_train_state(jax.random.key(0), encoder, head, tx, n_frames)
+        replicated, batch = _shardings()
+        state = train.create_train_state(jax.random.key(0), encoder, head, tx, n_frames)
+        self.state = jax.device_put(state, replicated)
         step = functools.partial(
             train.train_step, encoder=encoder, head=head, tx=tx, margin=0.2, margin_warmup_steps=0
         )
         self.step = jax.jit(step, donate_argnums=0)
-        self.batch = {"feats": jax.numpy.asarray(x), "labels": jax.numpy.asarray(y, "int32")}
+        self.batch = jax.device_put({"feats": x, "labels": y.astype("int32")}, batch)
 
     def __call__(self) -> None:
         import jax
@@ -168,12 +186,13 @@ def run(a) -> None:
                     flush=True,
                 )
             xe = rng.normal(size=(batch, a.embed_frames, encoder.n_mels)).astype(np.float32)
+            replicated, sharded = _shardings()
             ours, theirs = _alternate(
                 functools.partial(
                     _jax_embed,
                     evaluate.jitted_embed(encoder),
-                    evaluate.encoder_variables(ours_fn.state),
-                    jax.numpy.asarray(xe),
+                    jax.device_put(evaluate.encoder_variables(ours_fn.state), replicated),
+                    jax.device_put(xe, sharded),
                 ),
                 functools.partial(_torch_embed, net, torch.from_numpy(xe)),
                 a.steps,
@@ -207,7 +226,12 @@ def main():
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
     p.add_argument("--conv-slice", default="0", help="sqjax conv_slice values, e.g. 0,4")
-    run(p.parse_args())
+    p.add_argument("--cpu-devices", type=int, default=1, help="simulated CPU devices for sqjax")
+    a = p.parse_args()
+    if a.cpu_devices > 1:  # before jax is imported
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={a.cpu_devices}"
+    run(a)
 
 
 if __name__ == "__main__":
