@@ -320,10 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cpu-devices",
         type=int,
-        default=int(os.environ.get("SQJAX_CPU_DEVICES", min(2, os.cpu_count() or 1))),
-        help="simulated CPU devices for data parallelism on a CPU host (default: 2 where "
-        "there are 2 cores; bench/bench_torch.py measured 1.2-1.7x faster steps on 2 cores "
-        "than 1 device); no effect on GPUs and TPUs",
+        default=int(os.environ.get("SQJAX_CPU_DEVICES", "1")),
+        help="simulated CPU devices for data parallelism on a CPU host (default 1; 2 is "
+        "faster for width-16 and wider models on 2 cores, slower for the width-8 demo: "
+        "README, Speed on a CPU); no effect on GPUs and TPUs",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks of expected errors")
     sub = p.add_subparsers(dest="command", required=True)

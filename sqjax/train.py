@@ -415,7 +415,8 @@ def train(
     if t.batch_size % (n_dev * t.microbatches):
         raise ValueError(
             f"config.train.batch_size={t.batch_size} must be divisible by the device count "
-            f"({n_dev}) times config.train.microbatches ({t.microbatches})"
+            f"({n_dev}) times config.train.microbatches ({t.microbatches}); on a CPU host "
+            f"`sqjax --cpu-devices N` sets the device count"
         )
     encoder, head, tx = build_encoder(config), build_head(config), make_optimizer(config)
     quantizer = build_quantizer(config, q.bits) if q.bits else None
