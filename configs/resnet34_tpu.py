@@ -36,7 +36,9 @@ every host of the slice (as above) gives examples/s and MFU of this model's trai
 step (320k steps x 512 examples) with this config's input: ``--input stream --augment 0.3``.
 """
 
-from sqjax.config import default_config
+from pathlib import Path
+
+from sqjax.config import load_config
 
 DEVICES = 32  # TPU devices the batch is written for (v5e-32, v4-64, v5p-64)
 PER_DEVICE_BATCH = 16
@@ -45,36 +47,18 @@ BASE_LR, BASE_BATCH = 0.1, 256  # configs/resnet34.py: peak LR 0.1 at batch 256
 
 
 def get_config():
-    c = default_config()
-    c.model.name = "resnet34"
-    c.model.dtype = "bfloat16"  # bf16 convolutions; params, BN, pooling, loss in float32
-
-    # Data: set on the command line (--config.data.train=... etc.).
-    c.data.train = ""  # VoxCeleb2 dev root (idXXXXX/video/nnnnn.wav) or a Kaldi data dir
-    c.data.test = ""  # VoxCeleb1 root
-    c.data.test_trials = ""  # e.g. veri_test2.txt (VoxCeleb1-O cleaned)
-    c.data.min_seconds = 1.0
+    # configs/resnet34.py: ResNet34 in bf16, streamed input with augmentation, the SGD
+    # recipe at batch 256; here its batch, learning rate and step counts for GLOBAL_BATCH.
+    c = load_config(Path(__file__).with_name("resnet34.py"))
+    scale = GLOBAL_BATCH / BASE_BATCH  # the recipe's steps divided by this, its LR times it
     c.data.workers = 16  # input worker processes per host
-    # Streamed input: Grain workers read random crops of the audio files; log-mel and
-    # augmentation (reverberation, noise at 0-15 dB SNR; MUSAN / RIRS_NOISES through
-    # data.augment.noise_dir / rir_dir, synthetic otherwise) run on the accelerator.
-    c.data.input = "stream"
-    c.data.augment.p_noise = 0.3
-    c.data.augment.p_reverb = 0.3
-
-    scale = GLOBAL_BATCH / BASE_BATCH  # 2: half the steps of configs/resnet34.py
     c.head.margin_warmup_steps = round(40_000 / scale)
     c.train.batch_size = GLOBAL_BATCH
-    c.train.microbatches = 1
     c.train.conv_slice = 0  # the sliced kernel gradients are an XLA:CPU workaround
     c.train.num_steps = round(640_000 / scale)  # ~150 passes over 1.09M utterances
-    c.train.optimizer = "sgd"
     c.train.learning_rate = BASE_LR * scale
-    c.train.final_lr_ratio = 5e-4
     c.train.warmup_steps = round(25_000 / scale)
-    c.train.weight_decay = 1e-4
     c.train.log_every = 100
     c.train.checkpoint_every = 5_000  # resume loses at most this many steps
-    c.train.keep_checkpoints = 3
     c.eval.batch_size = 4 * DEVICES  # utterances of up to eval.max_frames, 4 per device
     return c
