@@ -2,16 +2,19 @@
 
     pip install torch==2.13.0          # benchmark-only; the package never needs it
     python bench/bench_torch.py                             # demo model and ResNet34
-    python bench/bench_torch.py --models resnet_demo --batches 32 --conv-slice 0,4
+    python bench/bench_torch.py --models resnet_demo --batches 32 --conv-slice 0,4,-1
 
 Both sides build the same network (a sqjax preset: stem, residual stages, statistics
 pooling, embedding layer; an AAM-softmax head for training) on random 200-frame x 80-mel
 inputs. Training: one SGD-with-momentum step, forward + backward + update. Embedding:
 the inference forward pass (PyTorch in ``inference_mode``; sqjax's ``jitted_embed``) on
-``--embed-frames`` frames. Steps alternate between the two sides, so both see the same
+``--embed-frames`` frames. Steps alternate between the sides, so all see the same
 machine load; the table gives medians of warm steps and the ratio sqjax/PyTorch in
 examples/s (above 1: sqjax is faster). ``--conv-slice`` times sqjax once per value of
-``train.conv_slice`` (examples per kernel-gradient slice; 0: the whole batch).
+``train.conv_slice`` (examples per kernel-gradient slice; 0: the whole batch; -1: sized
+per layer, the CPU default). Embedding is timed twice: with XLA's default options (a
+plain ``jax.jit``) and as sqjax compiles it (``evaluate.jitted_embed``, with
+``models.inference_compiler_options``).
 ``--cpu-devices 2`` runs sqjax data parallel over two simulated CPU devices (one per
 core; the batch sharded over them, as ``sqjax --cpu-devices 2 train`` and sharded
 evaluation do); PyTorch keeps its threads.
@@ -161,7 +164,7 @@ def run(a) -> None:
         f"{a.steps} warm steps, alternating"
     )
     print(
-        f"{'model':>12} {'what':>6} {'batch':>5} {'conv_slice':>11} {'sqjax ex/s':>10} "
+        f"{'model':>12} {'what':>6} {'batch':>5} {'variant':>11} {'sqjax ex/s':>10} "
         f"{'torch ex/s':>10} {'ratio':>6}"
     )
     rng = np.random.default_rng(0)
@@ -179,41 +182,45 @@ def run(a) -> None:
             for examples in (int(c) for c in a.conv_slice.split(",")):
                 enc = models.build_encoder(name, conv_slice=examples)
                 ours_fn = _JaxTrain(enc, head, tx, x, y, a.n_frames)
-                ours, theirs = _alternate(ours_fn, theirs_fn, a.steps)
+                ours, theirs = _alternate(ours_fn, theirs_fn, steps=a.steps)
+                variant = f"slices {examples if examples >= 0 else 'auto'}"
                 print(
-                    f"{name:>12} {'train':>6} {batch:>5} {examples:>11} {batch / ours:>10.1f} "
+                    f"{name:>12} {'train':>6} {batch:>5} {variant:>11} {batch / ours:>10.1f} "
                     f"{batch / theirs:>10.1f} {theirs / ours:>6.2f}",
                     flush=True,
                 )
             xe = rng.normal(size=(batch, a.embed_frames, encoder.n_mels)).astype(np.float32)
             replicated, sharded = _shardings()
-            ours, theirs = _alternate(
-                functools.partial(
-                    _jax_embed,
-                    evaluate.jitted_embed(encoder),
-                    jax.device_put(evaluate.encoder_variables(ours_fn.state), replicated),
-                    jax.device_put(xe, sharded),
-                ),
+            args = (
+                jax.device_put(evaluate.encoder_variables(ours_fn.state), replicated),
+                jax.device_put(xe, sharded),
+            )
+            xla_default = jax.jit(functools.partial(encoder.apply, train=False))
+            plain, ours, theirs = _alternate(
+                functools.partial(_jax_embed, xla_default, *args),
+                functools.partial(_jax_embed, evaluate.jitted_embed(encoder), *args),
                 functools.partial(_torch_embed, net, torch.from_numpy(xe)),
-                a.steps,
+                steps=a.steps,
             )
-            print(
-                f"{name:>12} {'embed':>6} {batch:>5} {'-':>11} {batch / ours:>10.1f} "
-                f"{batch / theirs:>10.1f} {theirs / ours:>6.2f}",
-                flush=True,
-            )
+            for variant, t in (("xla default", plain), ("sqjax", ours)):
+                print(
+                    f"{name:>12} {'embed':>6} {batch:>5} {variant:>11} {batch / t:>10.1f} "
+                    f"{batch / theirs:>10.1f} {theirs / t:>6.2f}",
+                    flush=True,
+                )
 
 
-def _alternate(f, g, steps: int) -> tuple[float, float]:
-    """Median seconds of ``f`` and of ``g``, called in turn after one warm-up call each."""
-    f(), g()
-    tf, tg = [], []
+def _alternate(*fns, steps: int) -> list[float]:
+    """Median seconds of each of ``fns``, called in turn after one warm-up call each."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
     for _ in range(steps):
-        for fn, times in ((f, tf), (g, tg)):
+        for fn, ts in zip(fns, times, strict=True):
             tic = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - tic)
-    return float(np.median(tf)), float(np.median(tg))
+            ts.append(time.perf_counter() - tic)
+    return [float(np.median(ts)) for ts in times]
 
 
 def main():
@@ -225,7 +232,7 @@ def main():
     p.add_argument("--embed-frames", type=int, default=300)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
-    p.add_argument("--conv-slice", default="0", help="sqjax conv_slice values, e.g. 0,4")
+    p.add_argument("--conv-slice", default="4,-1", help="sqjax conv_slice values (-1: per layer)")
     p.add_argument("--cpu-devices", type=int, default=1, help="simulated CPU devices for sqjax")
     a = p.parse_args()
     if a.cpu_devices > 1:  # before jax is imported

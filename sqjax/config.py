@@ -117,8 +117,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.num_steps = 1000
     c.train.batch_size = 128  # global; split over devices
     c.train.microbatches = 1  # >1: accumulate gradients over chunks (faster conv grads on CPU)
-    # Conv kernel gradients over slices of this many examples, summed (same gradients; on
-    # XLA:CPU 1.2-1.7x faster steps, bench/bench_torch.py). -1: 4 on CPU, else 0 (whole).
+    # Conv kernel gradients over slices of this many examples, summed (same gradients;
+    # faster steps on XLA:CPU, bench/bench_torch.py). -1: on CPU sized per layer (one
+    # example at 32-128 input channels, else eight; models.slice_examples), elsewhere 0
+    # (the whole batch).
     c.train.conv_slice = -1
     c.train.n_frames = 200  # 2 s crops
     c.train.optimizer = "sgd"

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sqjax import models
+
 EmbedFn = Callable[[object, jax.Array], jax.Array]
 
 
@@ -180,8 +182,9 @@ def score_split(
 
 @functools.lru_cache(maxsize=8)
 def jitted_embed(encoder) -> EmbedFn:
-    """``jit(encoder.apply)`` in inference mode, one per encoder (so compiles are reused)."""
-    return jax.jit(lambda variables, x: encoder.apply(variables, x, train=False))
+    """``jit(encoder.apply)`` in inference mode, one per encoder (so compiles are reused),
+    with ``models.inference_compiler_options``."""
+    return models.jit_inference(lambda variables, x: encoder.apply(variables, x, train=False))
 
 
 # ------------------------------------------------------------- all precisions in one pass
@@ -264,13 +267,13 @@ def _precision_embed(encoder, strategy: str) -> Callable[[object, jax.Array], ja
         return encoder.apply(variables, x, train=False)
 
     if strategy == "vmap":
-        return jax.jit(jax.vmap(apply, in_axes=(0, None)))
+        return models.jit_inference(jax.vmap(apply, in_axes=(0, None)))
     if strategy == "unroll":
-        return jax.jit(
+        return models.jit_inference(
             lambda v, x: jnp.stack([apply(_precision(v, p), x) for p in range(n_precisions(v))])
         )
     if strategy == "map":
-        return jax.jit(lambda v, x: jax.lax.map(lambda vp: apply(vp, x), v))
+        return models.jit_inference(lambda v, x: jax.lax.map(lambda vp: apply(vp, x), v))
     single = jitted_embed(encoder)
 
     def loop(v, x):

@@ -61,6 +61,18 @@ def _conv(
 
 
 MAX_SLICES = 16  # more unrolled slices compile slower for little gain
+AUTO_SLICE = -1  # conv_slice: examples per slice chosen per layer (slice_examples)
+
+
+def slice_examples(in_channels: int, batch: int) -> int:
+    """Examples per kernel-gradient slice of a convolution with ``in_channels`` inputs,
+    chosen per layer on XLA:CPU (``conv_slice = AUTO_SLICE``): one example for 32-128
+    input channels, eight otherwise. On single layers of a 2-core CPU, one-example slices
+    ran 32-128-channel kernel gradients up to 2x faster than slices of 4, while 8-16 and
+    256 channels were fastest with 4-8 examples. Whole training steps against slices of 4
+    everywhere (``bench/bench_torch.py --conv-slice 4,-1``): 1.26-1.35x on ResNet34
+    (width 32, batches 8 and 32), 1.3x on the demo preset at batch 32, even at batch 8."""
+    return min(batch, 1 if 32 <= in_channels <= 128 else 8)
 
 
 @functools.cache
@@ -68,10 +80,10 @@ def sliced_conv(examples: int) -> Callable:
     """``lax.conv_general_dilated`` (batch on axis 0, as Flax calls it) whose kernel
     gradient is computed over slices of about ``examples`` examples of the batch and
     summed: the same forward pass and gradients (to float rounding), but XLA:CPU computes
-    kernel gradients of small batches several times faster per example (1.2-1.7x per
-    training step measured by ``bench/bench_torch.py``). Slice c holds examples c,
-    c + k, c + 2k, ... of k slices (at most ``MAX_SLICES``, a divisor of the batch), so
-    on a batch sharded over devices each keeps an equal share of every slice."""
+    kernel gradients of small batches several times faster per example.
+    ``examples = AUTO_SLICE`` picks the size per layer (``slice_examples``). Slice c holds
+    examples c, c + k, c + 2k, ... of k slices (at most ``MAX_SLICES``, a divisor of the
+    batch), so on a batch sharded over devices each keeps an equal share of every slice."""
 
     def conv(lhs, rhs, window_strides, padding, **kw):
         plain = functools.partial(
@@ -89,7 +101,8 @@ def sliced_conv(examples: int) -> Callable:
             x, w = res
             dx = jax.vjp(lambda x: plain(x, w), x)[1](dy)[0]
             n = x.shape[0]
-            k = max(d for d in range(1, min(MAX_SLICES, max(n // examples, 1)) + 1) if n % d == 0)
+            size = slice_examples(w.shape[-2], n) if examples == AUTO_SLICE else examples
+            k = max(d for d in range(1, min(MAX_SLICES, max(n // size, 1)) + 1) if n % d == 0)
             # Unrolled: in a lax.scan, XLA:CPU ran these 30x slower than the whole batch.
             kernel_grad = lambda x, dy: jax.vjp(lambda w: plain(x, w), w)[1](dy)[0]
             # Summed in float32 (a no-op for float32 kernels): k bf16 roundings of the
@@ -101,6 +114,35 @@ def sliced_conv(examples: int) -> Callable:
         return f(lhs, rhs)
 
     return conv
+
+
+# XLA:CPU compiles convolutions (with the elementwise ops around them) into YNNPACK
+# fusions by default in recent jaxlibs. For the inference forward pass they ran slower here
+# than XLA's Eigen convolutions: with them off, embedding was 1.15-1.3x faster on the demo
+# models and ResNet34 (bench/bench_torch.py, 2-core CPU). Training steps (their kernel
+# gradients) and train-mode forward passes (BatchNorm statistics, as in
+# train.reestimate_batch_stats: 0.65-0.84x with them off) were faster with them on, so
+# only inference programs turn them off.
+_CPU_INFERENCE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def inference_compiler_options(backend: str | None = None) -> dict[str, str]:
+    """XLA options for inference programs on ``backend`` (default: JAX's): on CPU, the
+    YNNPACK fusions off; elsewhere, and where the installed XLA lacks the option, none."""
+    if (backend or jax.default_backend()) != "cpu":
+        return {}
+    try:
+        jax.jit(jnp.negative, compiler_options=_CPU_INFERENCE_OPTIONS).lower(1.0).compile()
+    except RuntimeError:  # an XLA without the option (JaxRuntimeError, XlaRuntimeError)
+        return {}
+    return dict(_CPU_INFERENCE_OPTIONS)
+
+
+def jit_inference(fun: Callable, **jit_kwargs: Any) -> Callable:
+    """``jax.jit(fun)`` compiled with ``inference_compiler_options()``: for programs that
+    run the encoder forward only, in inference mode (embedding, layer analysis)."""
+    return jax.jit(fun, compiler_options=inference_compiler_options() or None, **jit_kwargs)
 
 
 class BasicBlock(nn.Module):
@@ -173,7 +215,9 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     pool_ddof: int = 0
     pool_eps: float = POOL_EPS
-    conv_slice: int = 0  # > 0: kernel gradients over slices of this many examples (sliced_conv)
+    # > 0: kernel gradients over slices of this many examples; AUTO_SLICE (-1): sized per
+    # layer (slice_examples); 0: the whole batch. See sliced_conv.
+    conv_slice: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -249,7 +293,7 @@ def encoder_segments(encoder: "ResNet") -> tuple[Segment, ...]:
     program). Used to re-run only the part of the network after a changed layer."""
 
     def jitted(module, *args):
-        return jax.jit(lambda v, x: module.apply(v, x, *args))
+        return jit_inference(lambda v, x: module.apply(v, x, *args))
 
     d = encoder.dtype
     stem = _Part(functools.partial(_stem, width=encoder.width, train=False, dtype=d))

@@ -73,14 +73,12 @@ def build_encoder(config: ml_collections.ConfigDict) -> models.ResNet:
     return models.build_encoder(m.name, **overrides)
 
 
-CPU_CONV_SLICE = 4  # bench/bench_torch.py: as fast as 1-2 on the demo, less to compile
-
-
 def conv_slice(config: ml_collections.ConfigDict) -> int:
-    """``config.train.conv_slice``, -1 resolved for the backend: slices of
-    ``CPU_CONV_SLICE`` examples on CPU; elsewhere the whole batch (unmeasured there)."""
+    """``config.train.conv_slice``, -1 resolved for the backend: on CPU, slices sized per
+    layer (``models.AUTO_SLICE``, see ``models.slice_examples``); elsewhere the whole batch
+    (the slices are an XLA:CPU workaround, unmeasured there)."""
     s = config.train.conv_slice
-    return s if s >= 0 else (CPU_CONV_SLICE if jax.default_backend() == "cpu" else 0)
+    return s if s >= 0 else (models.AUTO_SLICE if jax.default_backend() == "cpu" else 0)
 
 
 def build_head(config: ml_collections.ConfigDict) -> models.AAMSoftmax:

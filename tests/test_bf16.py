@@ -26,7 +26,7 @@ def _config(dtype: str):
     c.head.num_classes = N_CLASSES
     c.train.n_frames = N_FRAMES
     c.train.clip_norm = 1.0  # the chain with clip_by_global_norm, as long runs may use
-    return c  # conv_slice -1: 4 examples per slice on CPU, so the sliced grads run too
+    return c  # conv_slice -1: slices sized per layer on CPU, so the sliced grads run too
 
 
 def _step(dtype: str, concrete: bool = True):

@@ -93,3 +93,23 @@ def test_sharded_embeddings_equal_one_device():
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
         assert {b for b, _ in seen} == {3 if n == 1 else 4}
         assert all(s == sharding for _, s in seen)  # each device embeds its rows only
+
+
+def test_inference_programs_use_the_cpu_options_and_embed_the_same():
+    # jitted_embed compiles with models.inference_compiler_options (on CPU: XLA's YNNPACK
+    # fusions off): the same embeddings as a plain jax.jit of the encoder, and where plain
+    # XLA builds YNNPACK fusions, the inference program has none.
+    import jax
+
+    from sqjax import evaluate, models
+
+    assert models.inference_compiler_options("gpu") == {}
+    assert models.inference_compiler_options("tpu") == {}
+    encoder = models.build_encoder("resnet_tiny", n_mels=16, embed_dim=8)
+    x = np.random.default_rng(0).normal(size=(4, 120, 16)).astype(np.float32)
+    variables = encoder.init(jax.random.key(0), x, train=False)
+    plain = jax.jit(lambda v, x: encoder.apply(v, x, train=False))
+    ours = evaluate.jitted_embed(encoder)
+    np.testing.assert_allclose(ours(variables, x), plain(variables, x), rtol=1e-5, atol=1e-6)
+    if "ynn_fusion" in plain.lower(variables, x).compile().as_text():  # jaxlib 0.10: yes
+        assert "ynn_fusion" not in ours.lower(variables, x).compile().as_text()

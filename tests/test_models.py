@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sqjax.models import (
+    AUTO_SLICE,
     POOL_EPS,
     PRESETS,
     AAMSoftmax,
@@ -21,6 +22,7 @@ from sqjax.models import (
     encoder_macs,
     encoder_macs_by_layer,
     encoder_segments,
+    slice_examples,
     sliced_conv,
 )
 
@@ -383,11 +385,40 @@ def test_sliced_conv_gradients_equal_the_plain_convs(batch, examples):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
-def test_conv_slice_trains_the_same_encoder():
-    """A ResNet with conv_slice=2 has the plain one's parameters, loss and gradients."""
+def _kernel_grad_convs(jaxpr, kernel_shape) -> int:
+    """Convolutions in ``jaxpr`` (and its sub-jaxprs) whose output has the kernel's shape."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            n += eqn.outvars[0].aval.shape == kernel_shape
+        for p in eqn.params.values():
+            inner = getattr(p, "jaxpr", p)
+            if hasattr(inner, "eqns"):
+                n += _kernel_grad_convs(inner, kernel_shape)
+    return n
+
+
+@pytest.mark.parametrize("in_channels, batch, slices", [(3, 16, 2), (16, 8, 1), (32, 8, 8),
+                                                        (128, 32, 16), (256, 16, 2)])  # fmt: skip
+def test_auto_slices_are_sized_by_input_channels(in_channels, batch, slices):
+    """AUTO_SLICE: one example per slice at 32-128 input channels, eight otherwise (at
+    most 16 slices), counted as the kernel-gradient convolutions in the backward pass."""
+    x = jnp.zeros((batch, 4, 4, in_channels))
+    w = jnp.zeros((3, 3, in_channels, 2))
+    kw = {"window_strides": (1, 1), "padding": ((1, 1), (1, 1)),
+          "dimension_numbers": ("NHWC", "HWIO", "NHWC")}  # fmt: skip
+    y, pullback = jax.vjp(lambda x, w: sliced_conv(AUTO_SLICE)(x, w, **kw), x, w)
+    assert _kernel_grad_convs(jax.make_jaxpr(pullback)(y).jaxpr, w.shape) == slices
+    assert slice_examples(in_channels, batch) == (1 if 32 <= in_channels <= 128 else 8)
+
+
+@pytest.mark.parametrize("conv_slice", [2, AUTO_SLICE])
+def test_conv_slice_trains_the_same_encoder(conv_slice):
+    """A ResNet with conv_slice=2 or sized per layer (resnet_tiny: 4 to 32 channels, so
+    both sizes) has the plain one's parameters, loss and gradients."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(8, 40, 80)), jnp.float32)
-    plain, chunked = (build_encoder("resnet_tiny", conv_slice=c) for c in (0, 2))
+    plain, chunked = (build_encoder("resnet_tiny", conv_slice=c) for c in (0, conv_slice))
     variables = plain.init(jax.random.key(0), x)
 
     def loss(model, params):
