@@ -123,9 +123,12 @@ def profile(fn, args, steps: int, kernel_shapes: set) -> tuple[float, dict, list
 
 
 def report(title: str, wall: float, kinds: dict, top: list) -> None:
-    print(f"\n{title}: {wall:.0f} ms per call")
+    traced = sum(ms for kind, ms in kinds.items() if kind != "untraced / idle")
+    print(f"\n{title}: {wall:.0f} ms per call; traced operations {traced:.0f} ms (summed over")
+    print("threads, so above the wall time when operations ran side by side)")
     for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
-        print(f"  {kind:<18} {ms:8.1f} ms  {100 * ms / wall:5.1f}%")
+        share = f"{100 * ms / traced:5.1f}% of traced" if kind != "untraced / idle" else ""
+        print(f"  {kind:<18} {ms:8.1f} ms  {share}")
     print("  largest operations:")
     for ms, name, shape in top:
         print(f"    {ms:7.1f} ms  {name} {list(shape)}")
