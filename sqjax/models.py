@@ -71,7 +71,7 @@ def slice_examples(in_channels: int, batch: int) -> int:
     ran 32-128-channel kernel gradients up to 2x faster than slices of 4, while 8-16 and
     256 channels were fastest with 4-8 examples. Whole training steps against slices of 4
     everywhere (``bench/bench_torch.py --conv-slice 4,-1``): 1.26-1.35x on ResNet34
-    (width 32, batches 8 and 32), 1.3x on the demo preset at batch 32, even at batch 8."""
+    (width 32, batches 8 and 32), 1.3x on the demo preset at batch 32, 0.97x at batch 8."""
     return min(batch, 1 if 32 <= in_channels <= 128 else 8)
 
 
