@@ -20,6 +20,10 @@ Measured (2 shared CPU cores, jax 0.10.2, 5 precisions; x_loop over 3-6 runs): d
 64 x 300: map 1.05-1.23, unroll 1.02-1.19, vmap 0.21-0.31; ResNet34 4 x 150 and 16 x 300:
 map 0.95-1.07, unroll 0.87-0.99, vmap 0.16-0.19. The two folding variants were no faster
 than ``unroll`` (``vmap_rule`` slower). The default run takes about 7 minutes (ResNet34 part: 2-3 minutes).
+Since inference programs compile with XLA:CPU's YNNPACK fusions off
+(``models.inference_compiler_options``; every strategy here), one default run gave: demo
+map 1.08, unroll 1.02, vmap 0.41; ResNet34 map 0.98, unroll 0.95, vmap 0.62 (the loop
+itself 1.7 s and 0.57 s per call).
 
 Strategies: ``loop`` is ``jitted_embed`` called once per precision on variables sliced
 beforehand (what a caller with P separate models does); ``vmap``, ``unroll``, ``map`` are
