@@ -8,8 +8,9 @@ the encoder built with ``--conv-slice``) and of the embedding (``evaluate.jitted
 with the JAX profiler and XLA:CPU's per-operation trace events, maps each event to its
 operation in the compiled HLO, and sums the durations per step by kind:
 
-    conv forward / conv input grad / conv kernel grad   convolutions (YNNPACK fusions or
-                                    XLA's own), split by the op's JAX name and output shape
+    conv forward / conv input grad / conv kernel grad   convolutions (YNNPACK fusions,
+                                    XLA's own, or sqjax.native's kernel-gradient custom
+                                    calls), split by the op's JAX name and output shape
     transpose / copy                layout changes XLA inserts (around kernel gradients)
     reduce                          reductions (BatchNorm statistics, pooling)
     elementwise                     the other fusions: BatchNorm, ReLU, residual adds, the
@@ -82,6 +83,8 @@ def _kind(name: str, instrs: dict, bodies: dict, kernel_shapes: set) -> str:
     m = re.search(r"calls=%([\w.\-]+)", rest)
     if m:
         body = bodies.get(m.group(1), "")
+    if opcode == "custom-call" and "sqjax_conv_kernel_grad" in rest:  # sqjax.native
+        return "conv kernel grad"
     is_conv = opcode == "convolution" or " convolution(" in body
     if is_conv:
         if shape in kernel_shapes:

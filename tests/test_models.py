@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sqjax import native
 from sqjax.models import (
     AUTO_SLICE,
     POOL_EPS,
@@ -400,22 +401,29 @@ def _kernel_grad_convs(jaxpr, kernel_shape) -> int:
 
 @pytest.mark.parametrize("in_channels, batch, slices", [(3, 16, 2), (16, 8, 1), (32, 8, 8),
                                                         (128, 32, 16), (256, 16, 2)])  # fmt: skip
-def test_auto_slices_are_sized_by_input_channels(in_channels, batch, slices):
+def test_auto_slices_are_sized_by_input_channels(in_channels, batch, slices, monkeypatch):
     """AUTO_SLICE: one example per slice at 32-128 input channels, eight otherwise (at
     most 16 slices), counted as the kernel-gradient convolutions in the backward pass."""
     x = jnp.zeros((batch, 4, 4, in_channels))
     w = jnp.zeros((3, 3, in_channels, 2))
     kw = {"window_strides": (1, 1), "padding": ((1, 1), (1, 1)),
           "dimension_numbers": ("NHWC", "HWIO", "NHWC")}  # fmt: skip
+    monkeypatch.setenv("SQJAX_NATIVE", "0")  # the slices, not sqjax.native's kernel
     y, pullback = jax.vjp(lambda x, w: sliced_conv(AUTO_SLICE)(x, w, **kw), x, w)
     assert _kernel_grad_convs(jax.make_jaxpr(pullback)(y).jaxpr, w.shape) == slices
     assert slice_examples(in_channels, batch) == (1 if 32 <= in_channels <= 128 else 8)
 
 
-@pytest.mark.parametrize("conv_slice", [2, AUTO_SLICE])
-def test_conv_slice_trains_the_same_encoder(conv_slice):
+@pytest.mark.parametrize(
+    "conv_slice,use_native", [(2, False), (AUTO_SLICE, False), (AUTO_SLICE, True)]
+)
+def test_conv_slice_trains_the_same_encoder(conv_slice, use_native, monkeypatch):
     """A ResNet with conv_slice=2 or sized per layer (resnet_tiny: 4 to 32 channels, so
-    both sizes) has the plain one's parameters, loss and gradients."""
+    both sizes), or with sqjax.native's kernel gradients (its 3x3, strided and 1x1
+    convolutions), has the plain one's parameters, loss and gradients."""
+    if use_native and not native.available():
+        pytest.skip("no C++ compiler: sqjax.native is not built (tests/test_native.py)")
+    monkeypatch.setenv("SQJAX_NATIVE", "1" if use_native else "0")
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(8, 40, 80)), jnp.float32)
     plain, chunked = (build_encoder("resnet_tiny", conv_slice=c) for c in (0, conv_slice))
@@ -428,7 +436,10 @@ def test_conv_slice_trains_the_same_encoder(conv_slice):
         return jnp.sum(jnp.sin(emb))
 
     l0, g0 = jax.value_and_grad(functools.partial(loss, plain))(variables["params"])
-    l1, g1 = jax.jit(jax.value_and_grad(functools.partial(loss, chunked)))(variables["params"])
+    grad = jax.jit(jax.value_and_grad(functools.partial(loss, chunked)))
+    hlo = grad.lower(variables["params"]).as_text()
+    assert (native.TARGET in hlo) == use_native
+    l1, g1 = grad(variables["params"])
     assert l1 == pytest.approx(float(l0), rel=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         # Float rounding of sums in another order: relative to the tensor's scale.

@@ -1,0 +1,149 @@
+// Kernel gradient of an NHWC convolution for XLA:CPU, as an XLA FFI custom call
+// (built and registered by sqjax/native.py).
+//
+//   dw[kh, kw, c, o] = sum over n, h, w of x[n, h*sh + kh - ph, w*sw + kw - pw, c] * dy[n, h, w, o]
+//
+// (x outside its bounds is zero). XLA:CPU lowers this gradient to a convolution whose
+// operands it first transposes to channel-major layouts; here it is a sum of outer
+// products read straight from the NHWC arrays, register-blocked over channels, with the
+// output rows split over XLA's intra-op threads (one partial sum per part).
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+
+// acc[r, :L*V] += sum_p x[p*xs + r] * dy[p*ds + :L*V], for R channels and L*V outputs,
+// L floats per vector T (T = float for a scalar tail).
+template <typename T, int R, int V>
+void Tile(const float* x, int64_t xs, const float* dy, int64_t ds, int64_t len, float* acc,
+          int64_t o_stride) {
+  constexpr int L = sizeof(T) / sizeof(float);
+  T a[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) std::memcpy(&a[r][v], acc + r * o_stride + L * v, sizeof(T));
+  for (int64_t p = 0; p < len; ++p) {
+    T d[V];
+    for (int v = 0; v < V; ++v) std::memcpy(&d[v], dy + p * ds + L * v, sizeof(T));
+    for (int r = 0; r < R; ++r) {
+      const float s = x[p * xs + r];
+      for (int v = 0; v < V; ++v) a[r][v] += s * d[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) std::memcpy(acc + r * o_stride + L * v, &a[r][v], sizeof(T));
+}
+
+// All O outputs for R channels, in blocks of 32, 16, 8 and single floats.
+template <int R>
+void Channels(const float* x, int64_t xs, const float* dy, int64_t len, float* acc, int64_t o) {
+  int64_t j = 0;
+  for (; j + 32 <= o; j += 32) Tile<v16, R, 2>(x, xs, dy + j, o, len, acc + j, o);
+  for (; j + 16 <= o; j += 16) Tile<v16, R, 1>(x, xs, dy + j, o, len, acc + j, o);
+  for (; j + 8 <= o; j += 8) Tile<v8, R, 1>(x, xs, dy + j, o, len, acc + j, o);
+  for (; j < o; ++j) Tile<float, R, 1>(x, xs, dy + j, o, len, acc + j, o);
+}
+
+struct Geometry {
+  int64_t n, hi, wi, c, ho, wo, o, kh, kw, sh, sw, ph, pw;
+};
+
+// Adds the contributions of output rows [row0, row1) (row = n * ho + h) to acc.
+void Rows(const Geometry& g, const float* x, const float* dy, int64_t row0, int64_t row1,
+          float* acc) {
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t n = row / g.ho, h = row % g.ho;
+    const float* dy_row = dy + row * g.wo * g.o;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t ih = h * g.sh + i - g.ph;
+      if (ih < 0 || ih >= g.hi) continue;
+      const float* x_row = x + (n * g.hi + ih) * g.wi * g.c;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        // Output columns w whose input column w*sw + j - pw lies in [0, wi).
+        const int64_t lo_num = g.pw - j, hi_num = g.wi - 1 + g.pw - j;
+        if (hi_num < 0) continue;
+        const int64_t w0 = lo_num > 0 ? (lo_num + g.sw - 1) / g.sw : 0;
+        const int64_t w1 = std::min(g.wo, hi_num / g.sw + 1);
+        if (w1 <= w0) continue;
+        const float* xp = x_row + (w0 * g.sw + j - g.pw) * g.c;
+        const float* dp = dy_row + w0 * g.o;
+        float* a = acc + (i * g.kw + j) * g.c * g.o;
+        const int64_t xs = g.sw * g.c, len = w1 - w0;
+        int64_t c = 0;
+        for (; c + 8 <= g.c; c += 8) Channels<8>(xp + c, xs, dp, len, a + c * g.o, g.o);
+        for (; c < g.c; ++c) Channels<1>(xp + c, xs, dp, len, a + c * g.o, g.o);
+      }
+    }
+  }
+}
+
+// Parts claimed by whichever thread gets to them first: the calling thread runs part 0,
+// then every part no pool thread has started, then waits only for parts already running,
+// so a busy (or absent) pool delays nothing.
+struct Job {
+  Job(int parts, int64_t size) : claimed(parts), partial(parts - 1, std::vector<float>(size)) {}
+  std::vector<std::atomic<bool>> claimed;
+  std::atomic<int> done{0};
+  std::vector<std::vector<float>> partial;  // parts 1.., summed into the output at the end
+};
+
+ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                      ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t ph,
+                      int64_t pw) {
+  const auto xd = x.dimensions(), dd = dy.dimensions(), wd = dw->dimensions();
+  if (xd.size() != 4 || dd.size() != 4 || wd.size() != 4 || xd[0] != dd[0] || wd[2] != xd[3] ||
+      wd[3] != dd[3] || sh < 1 || sw < 1)
+    return ffi::Error::InvalidArgument("sqjax_conv_kernel_grad: expected NHWC x, dy, HWIO dw");
+  const Geometry g{xd[0], xd[1], xd[2], xd[3], dd[1], dd[2], dd[3], wd[0], wd[1], sh, sw, ph, pw};
+  const int64_t size = g.kh * g.kw * g.c * g.o, rows = g.n * g.ho;
+  float* out = dw->typed_data();
+  std::memset(out, 0, sizeof(float) * size);
+  // About 2 MFLOP per part at least: smaller kernels are not worth a second thread.
+  const int64_t work = 2 * size * g.wo;  // per output row
+  const int parts = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>({std::max<int64_t>(pool.num_threads(), 1), rows,
+                            rows * work / (2 << 20)})));
+  if (parts == 1) {
+    Rows(g, x.typed_data(), dy.typed_data(), 0, rows, out);
+    return ffi::Error::Success();
+  }
+  auto job = std::make_shared<Job>(parts, size);
+  const float* xs = x.typed_data();
+  const float* ds = dy.typed_data();
+  auto run = [job, g, xs, ds, rows, parts, out](int p) {
+    if (job->claimed[p].exchange(true)) return;
+    float* acc = p == 0 ? out : job->partial[p - 1].data();
+    Rows(g, xs, ds, rows * p / parts, rows * (p + 1) / parts, acc);
+    job->done.fetch_add(1, std::memory_order_release);
+  };
+  for (int p = 1; p < parts; ++p) pool.Schedule([run, p] { run(p); });
+  for (int p = 0; p < parts; ++p) run(p);
+  while (job->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+  for (const auto& part : job->partial)
+    for (int64_t k = 0; k < size; ++k) out[k] += part[k];
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SqjaxConvKernelGrad, KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_h")
+                                  .Attr<int64_t>("pad_w"));

@@ -1,0 +1,91 @@
+"""sqjax.native: the C++ kernel gradient of NHWC convolutions, against XLA's own."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sqjax import native
+
+needs_native = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler"
+)
+
+
+@needs_native
+def test_a_compiler_on_the_path_builds_it():
+    assert native.available()
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "x_shape,kernel,out,stride,padding",
+    [
+        ((2, 9, 11, 3), 3, 5, 1, ((1, 1), (1, 1))),  # channel and output tails (scalar)
+        ((2, 9, 11, 1), 3, 8, 1, ((1, 1), (1, 1))),  # the stem: one input channel
+        ((2, 9, 11, 20), 3, 24, 2, ((1, 1), (1, 1))),  # stride 2, 8-wide outputs
+        ((2, 8, 10, 16), 1, 48, 2, ((0, 0), (0, 0))),  # 1x1 shortcut, stride 2
+        ((1, 7, 7, 9), 1, 33, 1, ((0, 0), (0, 0))),
+        ((3, 10, 12, 8), 3, 64, 2, ((0, 1), (0, 1))),  # XLA's "SAME" at stride 2
+        ((2, 16, 32, 16), 3, 16, 1, ((1, 1), (1, 1))),  # large enough for two threads
+    ],
+)
+def test_kernel_grad_equals_xla(x_shape, kernel, out, stride, padding):
+    kx, kw, kd = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, x_shape)
+    w = jax.random.normal(kw, (kernel, kernel, x_shape[-1], out))
+    dn = ("NHWC", "HWIO", "NHWC")
+    conv = lambda w: jax.lax.conv_general_dilated(
+        x, w, (stride,) * 2, padding, dimension_numbers=dn
+    )
+    y, pullback = jax.vjp(conv, w)
+    dy = jax.random.normal(kd, y.shape)
+    expected = pullback(dy)[0]
+    got = jax.jit(native.conv_kernel_grad, static_argnums=(2, 3, 4))(
+        x, dy, w.shape, (stride,) * 2, padding
+    )
+    assert got.shape == expected.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(jnp.abs(expected).max()))
+
+
+def test_off_with_the_environment_variable(monkeypatch):
+    monkeypatch.setenv("SQJAX_NATIVE", "0")
+    assert not native.available()
+
+
+@needs_native
+def test_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SQJAX_CACHE_DIR", str(tmp_path))
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    lib = native._build(compiler)
+    assert lib.parent == tmp_path and lib.stat().st_size > 0
+    mtime = lib.stat().st_mtime_ns
+    assert native._build(compiler) == lib and lib.stat().st_mtime_ns == mtime  # not rebuilt
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    with pytest.raises(RuntimeError, match="failed"):
+        native._build(compiler)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([lib.name, broken.name])
+
+
+@needs_native
+def test_a_batch_sharded_over_devices_sums_the_shards():
+    """conftest.py gives two CPU devices: each computes its half of the batch's sum, and
+    the halves are added (no gathering of the activations)."""
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    kx, kd = jax.random.split(jax.random.key(1))
+    x = jax.device_put(jax.random.normal(kx, (4, 6, 10, 8)), batch)
+    dy = jax.device_put(jax.random.normal(kd, (4, 3, 5, 16)), batch)
+    pads = ((1, 1), (1, 1))
+    grad = jax.jit(lambda x, dy: native.conv_kernel_grad(x, dy, (3, 3, 8, 16), (2, 2), pads))
+    assert "all-gather" not in grad.lower(x, dy).compile().as_text()
+    conv = lambda w: jax.lax.conv_general_dilated(
+        np.asarray(x), w, (2, 2), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    expected = jax.vjp(conv, jnp.zeros((3, 3, 8, 16)))[1](np.asarray(dy))[0]
+    np.testing.assert_allclose(grad(x, dy), expected, rtol=1e-5, atol=1e-5)
