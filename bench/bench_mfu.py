@@ -203,6 +203,7 @@ def bench(a: argparse.Namespace) -> dict:
         in_shardings=(rep, shard, rep),
         out_shardings=(rep, rep),
         donate_argnums=0,
+        compiler_options=models.training_compiler_options(encoder) or None,
     )
     tic = time.perf_counter()
     compiled = step.lower(state, batch, banks).compile()

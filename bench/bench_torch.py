@@ -2,7 +2,7 @@
 
     pip install torch==2.13.0          # benchmark-only; the package never needs it
     python bench/bench_torch.py                             # demo model and ResNet34
-    python bench/bench_torch.py --models resnet_demo --batches 32 --conv-slice 0,4,-1
+    python bench/bench_torch.py --models resnet_demo --batches 32 --conv-slice 0,4,-1 --native 0
 
 Both sides build the same network (a sqjax preset: stem, residual stages, statistics
 pooling, embedding layer; an AAM-softmax head for training) on random 200-frame x 80-mel
@@ -12,7 +12,10 @@ the inference forward pass (PyTorch in ``inference_mode``; sqjax's ``jitted_embe
 machine load; the table gives medians of warm steps and the ratio sqjax/PyTorch in
 examples/s (above 1: sqjax is faster). ``--conv-slice`` times sqjax once per value of
 ``train.conv_slice`` (examples per kernel-gradient slice; 0: the whole batch; -1: sized
-per layer, the CPU default). Embedding is timed twice: with XLA's default options (a
+per layer, the CPU default) and of ``--native`` (1: float32 kernel gradients by
+``sqjax.native``'s C++ kernel, the CPU default where a compiler is found; 0: the slices);
+the step is compiled with ``models.training_compiler_options``, as ``train.train`` does.
+Embedding is timed twice: with XLA's default options (a
 plain ``jax.jit``) and as sqjax compiles it (``evaluate.jitted_embed``, with
 ``models.inference_compiler_options``).
 ``--cpu-devices 2`` runs sqjax data parallel over two simulated CPU devices (one per
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import time
 
@@ -126,7 +130,7 @@ class _JaxTrain:
     def __init__(self, encoder, head, tx, x, y, n_frames):
         import jax
 
-        from sqjax import train
+        from sqjax import models, train
 
         replicated, batch = _shardings()
         state = train.create_train_state(jax.random.key(0), encoder, head, tx, n_frames)
@@ -134,7 +138,8 @@ class _JaxTrain:
         step = functools.partial(
             train.train_step, encoder=encoder, head=head, tx=tx, margin=0.2, margin_warmup_steps=0
         )
-        self.step = jax.jit(step, donate_argnums=0)
+        options = models.training_compiler_options(encoder) or None  # as train.train
+        self.step = jax.jit(step, donate_argnums=0, compiler_options=options)
         self.batch = jax.device_put({"feats": x, "labels": y.astype("int32")}, batch)
 
     def __call__(self) -> None:
@@ -155,7 +160,7 @@ def run(a) -> None:
     import optax
     import torch
 
-    from sqjax import evaluate, models
+    from sqjax import evaluate, models, native
 
     torch.set_num_threads(a.threads or torch.get_num_threads())
     print(
@@ -179,11 +184,18 @@ def run(a) -> None:
             y = rng.integers(0, a.classes, batch)
             theirs_fn = functools.partial(_torch_train, net, opt, torch.from_numpy(x),
                                           torch.from_numpy(y))  # fmt: skip
-            for examples in (int(c) for c in a.conv_slice.split(",")):
+            for examples, use_native in itertools.product(
+                (int(c) for c in a.conv_slice.split(",")), a.native.split(",")
+            ):
+                if use_native == "1" and not examples:
+                    continue  # conv_slice 0: XLA's kernel gradients either way
+                os.environ["SQJAX_NATIVE"] = use_native  # read when the step is traced
                 enc = models.build_encoder(name, conv_slice=examples)
                 ours_fn = _JaxTrain(enc, head, tx, x, y, a.n_frames)
                 ours, theirs = _alternate(ours_fn, theirs_fn, steps=a.steps)
                 variant = f"slices {examples if examples >= 0 else 'auto'}"
+                if use_native == "1" and native.available():
+                    variant = "native"
                 print(
                     f"{name:>12} {'train':>6} {batch:>5} {variant:>11} {batch / ours:>10.1f} "
                     f"{batch / theirs:>10.1f} {theirs / ours:>6.2f}",
@@ -232,7 +244,10 @@ def main():
     p.add_argument("--embed-frames", type=int, default=300)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
-    p.add_argument("--conv-slice", default="4,-1", help="sqjax conv_slice values (-1: per layer)")
+    p.add_argument("--conv-slice", default="-1", help="sqjax conv_slice values (-1: per layer)")
+    p.add_argument(
+        "--native", default="1,0", help="1: kernel gradients by sqjax.native; 0: the slices"
+    )
     p.add_argument("--cpu-devices", type=int, default=1, help="simulated CPU devices for sqjax")
     a = p.parse_args()
     if a.cpu_devices > 1:  # before jax is imported

@@ -79,6 +79,7 @@ def bench(models_, batches, steps, microbatches, n_frames, n_classes, qat_bits):
                     in_shardings=(rep, shard),
                     out_shardings=(rep, rep),
                     donate_argnums=0,
+                    compiler_options=models.training_compiler_options(encoder) or None,
                 )
                 tic = time.perf_counter()
                 state, m = step(state, batch)

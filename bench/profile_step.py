@@ -160,7 +160,8 @@ def main():
     step = jax.jit(
         functools.partial(
             train.train_step, encoder=encoder, head=head, tx=tx, margin=0.2, margin_warmup_steps=0
-        )
+        ),
+        compiler_options=models.training_compiler_options(encoder) or None,  # as train.train
     )
     print(
         f"# jax {jax.__version__} ({jax.default_backend()}); {a.model} width {encoder.width}, "

@@ -162,24 +162,46 @@ def _native_geometry(x, w, strides, padding, kw) -> tuple | None:
 # XLA:CPU compiles convolutions (with the elementwise ops around them) into YNNPACK
 # fusions by default in recent jaxlibs. For the inference forward pass they ran slower here
 # than XLA's Eigen convolutions: with them off, embedding was 1.15-1.3x faster on the demo
-# models and ResNet34 (bench/bench_torch.py, 2-core CPU). Training steps (their kernel
-# gradients) and train-mode forward passes (BatchNorm statistics, as in
-# train.reestimate_batch_stats: 0.65-0.84x with them off) were faster with them on, so
-# only inference programs turn them off.
-_CPU_INFERENCE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# models and ResNet34 (bench/bench_torch.py, 2-core CPU). Training steps whose kernel
+# gradients sqjax.native computes were fastest with only YNNPACK's reduce fusions on
+# (1.05-1.37x the defaults, 1.1-1.9x everything off; demo and ResNet34, batches 8 and 32);
+# with XLA's kernel gradients (the slices) and in train-mode forward passes (BatchNorm
+# statistics, as in train.reestimate_batch_stats: 0.65-0.84x with them off) the defaults
+# were faster, so those keep them.
+_YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
+_CPU_INFERENCE_OPTIONS = {_YNN_FUSIONS: ""}
+_CPU_TRAINING_OPTIONS = {_YNN_FUSIONS: "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 @functools.cache
+def _cpu_accepts(option: str, value: str) -> bool:
+    """Whether this XLA:CPU compiles a program with ``option=value``."""
+    try:
+        jax.jit(jnp.negative, compiler_options={option: value}).lower(1.0).compile()
+    except RuntimeError:  # an XLA without the option (JaxRuntimeError, XlaRuntimeError)
+        return False
+    return True
+
+
 def inference_compiler_options(backend: str | None = None) -> dict[str, str]:
     """XLA options for inference programs on ``backend`` (default: JAX's): on CPU, the
     YNNPACK fusions off; elsewhere, and where the installed XLA lacks the option, none."""
-    if (backend or jax.default_backend()) != "cpu":
-        return {}
-    try:
-        jax.jit(jnp.negative, compiler_options=_CPU_INFERENCE_OPTIONS).lower(1.0).compile()
-    except RuntimeError:  # an XLA without the option (JaxRuntimeError, XlaRuntimeError)
+    if (backend or jax.default_backend()) != "cpu" or not _cpu_accepts(_YNN_FUSIONS, ""):
         return {}
     return dict(_CPU_INFERENCE_OPTIONS)
+
+
+def training_compiler_options(encoder: "ResNet", backend: str | None = None) -> dict[str, str]:
+    """XLA options for the training step of ``encoder`` on ``backend`` (default: JAX's): on
+    CPU, where ``sliced_conv`` hands the kernel gradients to ``sqjax.native`` (float32,
+    ``conv_slice`` set, the kernel built), only YNNPACK's reduce fusions; else none."""
+    value = _CPU_TRAINING_OPTIONS[_YNN_FUSIONS]
+    native_grads = encoder.conv_slice != 0 and jnp.dtype(encoder.dtype) == jnp.float32
+    if (backend or jax.default_backend()) != "cpu" or not native_grads:
+        return {}
+    if not native.available() or not _cpu_accepts(_YNN_FUSIONS, value):
+        return {}
+    return dict(_CPU_TRAINING_OPTIONS)
 
 
 def jit_inference(fun: Callable, **jit_kwargs: Any) -> Callable:

@@ -470,6 +470,7 @@ def train(
             in_shardings=(replicated, batch_sharding, replicated),
             out_shardings=(replicated, replicated),
             donate_argnums=0,
+            compiler_options=models.training_compiler_options(encoder) or None,
         )
         if quantizer is not None:
             update = jax.jit(

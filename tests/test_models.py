@@ -25,6 +25,7 @@ from sqjax.models import (
     encoder_segments,
     slice_examples,
     sliced_conv,
+    training_compiler_options,
 )
 
 
@@ -436,7 +437,9 @@ def test_conv_slice_trains_the_same_encoder(conv_slice, use_native, monkeypatch)
         return jnp.sum(jnp.sin(emb))
 
     l0, g0 = jax.value_and_grad(functools.partial(loss, plain))(variables["params"])
-    grad = jax.jit(jax.value_and_grad(functools.partial(loss, chunked)))
+    options = training_compiler_options(chunked, "cpu")  # as train.train jits the step
+    assert bool(options) == use_native
+    grad = jax.jit(jax.value_and_grad(functools.partial(loss, chunked)), compiler_options=options)
     hlo = grad.lower(variables["params"]).as_text()
     assert (native.TARGET in hlo) == use_native
     l1, g1 = grad(variables["params"])
@@ -444,3 +447,11 @@ def test_conv_slice_trains_the_same_encoder(conv_slice, use_native, monkeypatch)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         # Float rounding of sums in another order: relative to the tensor's scale.
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_training_compiler_options_only_where_native_kernel_grads_run():
+    cpu = build_encoder("resnet_tiny", conv_slice=AUTO_SLICE)
+    assert training_compiler_options(cpu, "gpu") == {} == training_compiler_options(cpu, "tpu")
+    assert training_compiler_options(build_encoder("resnet_tiny"), "cpu") == {}  # XLA's grads
+    bf16 = build_encoder("resnet_tiny", conv_slice=AUTO_SLICE, dtype=jnp.bfloat16)
+    assert training_compiler_options(bf16, "cpu") == {}  # the slices
