@@ -4,8 +4,9 @@ XLA:CPU computes a convolution's kernel gradient as another convolution whose op
 first transposes to channel-major layouts; on the ResNets here those transposes and that
 convolution were about half of a training step. The C++ kernel reads the NHWC arrays as
 they are (a sum of outer products, register-blocked, split over XLA's intra-op threads):
-1.4-4.6x faster per layer than ``models.sliced_conv``'s slices at 8-128 channels, equal
-at 256 (``bench/bench_torch.py``, 2-core CPU).
+1.9-4.3x faster per layer than ``models.sliced_conv``'s slices at 8-64 channels, 0.9-1.6x
+at 128-256, and 3-7x faster than XLA's kernel gradient over the whole batch
+(``bench/bench_kernel_grad.py``, 2-core CPU, over runs of a noisy machine).
 
 It is compiled on first use with the C++ compiler on the path (``$CXX``, else ``g++``)
 against the XLA FFI headers that jaxlib ships, and cached in ``$SQJAX_CACHE_DIR`` (default
@@ -75,6 +76,7 @@ def _build(compiler: str) -> pathlib.Path:
     out = cache_dir() / f"conv_kernel_grad-{key}.so"
     if out.exists():
         return out
+    log.info("sqjax: compiling %s into %s (once per machine)", SOURCE.name, out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
