@@ -5,12 +5,16 @@
     python bench/bench_train.py --models resnet_demo,resnet_demo:width=8 --batches 8,16,32 \
         --cpu-devices 1,2
 
+Encoders take ``train.conv_slice``'s CPU default (-1: kernel gradients by
+``sqjax.native``, else slices sized per layer) unless the spec sets ``conv_slice=N``.
 For each model and per-device batch size it times jitted ``train_step`` calls on random
 200-frame inputs (median warm step; compile time reported apart), with the batch
 sharded over every device. ``--qat-bits 2,8`` also times the QAT step (K-means
 quantized forward, straight-through backward) and prints its ratio to the FP32 step. ``--cpu-devices 1,2`` reruns the table in subprocesses with that many simulated
 CPU devices (data parallelism over cores), ``--microbatches`` accumulates gradients over
-that many chunks per step.
+that many chunks per step. ``--xla-options sqjax,default`` times the FP32 step compiled
+with each: "sqjax" as ``train.train`` compiles it (``models.training_compiler_options``),
+"default" XLA's defaults, "off" YNNPACK's fusions off.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import sys
 import time
 
 
-def bench(models_, batches, steps, microbatches, n_frames, n_classes, qat_bits):
+def bench(models_, batches, steps, microbatches, n_frames, n_classes, qat_bits, xla_options):
     import functools
 
     import jax
@@ -38,13 +42,16 @@ def bench(models_, batches, steps, microbatches, n_frames, n_classes, qat_bits):
     rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     print(f"# backend={jax.default_backend()} devices={n_dev} microbatches={microbatches}")
     print(
-        f"{'model':>34} {'precision':>9} {'batch/dev':>9} {'compile_s':>9} {'step_s':>8} "
+        f"{'model':>34} {'precision':>12} {'batch/dev':>9} {'compile_s':>9} {'step_s':>8} "
         f"{'examples/s':>10} {'vs_fp32':>7}"
     )
     for spec in models_:
         # "resnet_demo:width=8:embed_dim=128" = a preset with overrides
         name, *kv = spec.split(":")
-        encoder = models.build_encoder(name, **{k: int(v) for k, v in (x.split("=") for x in kv)})
+        # train.conv_slice's CPU default (the native kernel gradients) unless the spec sets it
+        over = {"conv_slice": models.AUTO_SLICE if jax.default_backend() == "cpu" else 0}
+        over.update({k: int(v) for k, v in (x.split("=") for x in kv)})
+        encoder = models.build_encoder(name, **over)
         head = models.AAMSoftmax(num_classes=n_classes)
         tx = optax.sgd(0.01, momentum=0.9)
         for per_dev in batches:
@@ -58,7 +65,8 @@ def bench(models_, batches, steps, microbatches, n_frames, n_classes, qat_bits):
                 shard,
             )
             fp32_dt = None
-            for bits in (0, *qat_bits):
+            variants = [(0, o) for o in xla_options] + [(b, xla_options[0]) for b in qat_bits]
+            for bits, xla in variants:
                 state = train.create_train_state(jax.random.key(0), encoder, head, tx, n_frames)
                 quantizer = None
                 if bits:
@@ -79,7 +87,7 @@ def bench(models_, batches, steps, microbatches, n_frames, n_classes, qat_bits):
                     in_shardings=(rep, shard),
                     out_shardings=(rep, rep),
                     donate_argnums=0,
-                    compiler_options=models.training_compiler_options(encoder) or None,
+                    compiler_options=_options(xla, encoder),
                 )
                 tic = time.perf_counter()
                 state, m = step(state, batch)
@@ -93,13 +101,22 @@ def bench(models_, batches, steps, microbatches, n_frames, n_classes, qat_bits):
                     times.append(time.perf_counter() - tic)
                 dt = float(np.median(times))
                 fp32_dt = fp32_dt or dt
-                label = f"{bits}bit" if bits else "fp32"
+                label = (f"{bits}bit" if bits else "fp32") + ("" if xla == "sqjax" else f" {xla}")
                 print(
-                    f"{spec:>34} {label:>9} {per_dev:>9} {compile_s:>9.1f} {dt:>8.3f} "
+                    f"{spec:>34} {label:>12} {per_dev:>9} {compile_s:>9.1f} {dt:>8.3f} "
                     f"{b / dt:>10.1f} {dt / fp32_dt:>7.2f}",
                     flush=True,
                 )
                 del state
+
+
+def _options(name, encoder):
+    from sqjax import models
+
+    ynn = "xla_cpu_experimental_ynn_fusion_type"
+    if name == "sqjax":
+        return models.training_compiler_options(encoder) or None
+    return {"default": None, "off": {ynn: ""}}[name]
 
 
 def main():
@@ -112,6 +129,7 @@ def main():
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--qat-bits", default="", help="e.g. 2,8: also time QAT steps at these widths")
     p.add_argument("--cpu-devices", default="", help="e.g. 1,2: one subprocess per count")
+    p.add_argument("--xla-options", default="sqjax", help="sqjax, default, off (comma list)")
     a = p.parse_args()
     if a.cpu_devices:
         for n in a.cpu_devices.split(","):
@@ -128,6 +146,7 @@ def main():
                 f"--n-frames={a.n_frames}",
                 f"--classes={a.classes}",
                 f"--qat-bits={a.qat_bits}",
+                f"--xla-options={a.xla_options}",
             ]
             subprocess.run([sys.executable, __file__, *argv], env=env, check=True)
         return
@@ -139,6 +158,7 @@ def main():
         a.n_frames,
         a.classes,
         [int(x) for x in a.qat_bits.split(",") if x],
+        a.xla_options.split(","),
     )
 
 
