@@ -164,7 +164,8 @@ def _native_geometry(x, w, strides, padding, kw) -> tuple | None:
 # than XLA's Eigen convolutions: with them off, embedding was 1.15-1.3x faster on the demo
 # models and ResNet34 (bench/bench_torch.py, 2-core CPU). Training steps whose kernel
 # gradients sqjax.native computes were fastest with only YNNPACK's reduce fusions on
-# (1.05-1.37x the defaults, 1.1-1.9x everything off; demo and ResNet34, batches 8 and 32);
+# (bench/bench_train.py --xla-options sqjax,default: 1.06-1.18x the defaults on ResNet34
+# and the demo preset, 0.96-1.02x on the demo config's width-8 model, batches 8 and 32);
 # with XLA's kernel gradients (the slices) and in train-mode forward passes (BatchNorm
 # statistics, as in train.reestimate_batch_stats: 0.65-0.84x with them off) the defaults
 # were faster, so those keep them.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import inspect
 import logging
 import os
 import pathlib
@@ -102,8 +103,12 @@ def available() -> bool:
 @functools.cache
 def _load() -> bool:
     compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None or not hasattr(jax, "ffi"):
-        log.info("sqjax: no C++ compiler (set CXX) or jax.ffi; XLA computes kernel gradients")
+    rules = inspect.signature(custom_partitioning.def_partition).parameters
+    if compiler is None or not hasattr(jax, "ffi") or "sharding_rule" not in rules:
+        log.info(
+            "sqjax: no C++ compiler (set CXX), or a jax without jax.ffi or sharding rules; "
+            "XLA computes kernel gradients"
+        )
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
