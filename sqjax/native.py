@@ -45,7 +45,7 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 def cache_dir() -> pathlib.Path:
     """Where built kernels are kept: ``$SQJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/sqjax``
-    (``~/.cache/sqjax``)."""
+    (``~/.cache/sqjax``); where it cannot be written, the temp dir's ``sqjax``."""
     if os.environ.get("SQJAX_CACHE_DIR"):
         return pathlib.Path(os.environ["SQJAX_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
@@ -72,11 +72,20 @@ def _build(compiler: str) -> pathlib.Path:
     headers = sorted((pathlib.Path(include) / "xla" / "ffi" / "api").glob("*.h"))
     parts = [SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_id()]
     key = hashlib.sha256("\0".join(parts + [h.read_text() for h in headers]).encode())
-    out = cache_dir() / f"conv_kernel_grad-{key.hexdigest()[:16]}.so"
-    if out.exists():
-        return out
-    log.info("sqjax: compiling %s into %s (once per machine)", SOURCE.name, out.parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    name = f"conv_kernel_grad-{key.hexdigest()[:16]}.so"
+    for folder in (cache_dir(), pathlib.Path(tempfile.gettempdir()) / "sqjax"):
+        if (folder / name).exists():
+            return folder / name
+        try:  # the first folder we can write to (a read-only home: the temp dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                break
+        except OSError:
+            continue
+    else:
+        raise OSError(f"no writable folder for the kernel: set SQJAX_CACHE_DIR ({cache_dir()})")
+    out = folder / name
+    log.info("sqjax: compiling %s into %s (once per machine)", SOURCE.name, folder)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -89,3 +90,14 @@ def test_a_batch_sharded_over_devices_sums_the_shards():
     )
     expected = jax.vjp(conv, jnp.zeros((3, 3, 8, 16)))[1](np.asarray(dy))[0]
     np.testing.assert_allclose(grad(x, dy), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_an_unwritable_cache_dir_falls_back_to_the_temp_dir(tmp_path, monkeypatch):
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")  # a file: the cache dir cannot be made below it
+    monkeypatch.setenv("SQJAX_CACHE_DIR", str(blocked / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    lib = native._build(shutil.which(os.environ.get("CXX", "g++")))
+    assert lib.parent == tmp_path / "tmp" / "sqjax" and lib.stat().st_size > 0
