@@ -1,11 +1,14 @@
-"""Convolution kernel gradients on XLA:CPU, per layer: sqjax.native's C++ kernel against
-XLA's lowering, over the whole batch and over slices (``models.sliced_conv``).
+"""Convolution gradients on XLA:CPU, per layer: sqjax.native's C++ kernel gradient against
+XLA's lowering, over the whole batch and over slices (``models.sliced_conv``); strided
+convolutions' input gradients by ``models.strided_input_grad`` against XLA's.
 
     python bench/bench_kernel_grad.py
 
-For 3x3, stride-1 NHWC convolutions of the ResNets' layer shapes (batch, frequency, time,
-channels), the median of warm calls, the three in turn; the native kernel's GFLOP/s and
-its speed-up over the slices. Checks that all three agree first.
+Kernel gradients: 3x3, stride-1 NHWC convolutions of the ResNets' layer shapes (batch,
+frequency, time, channels), the median of warm calls, the three in turn; the native
+kernel's GFLOP/s and its speed-up over the slices. Input gradients: the ResNets' stride-2
+convolutions (input shape, output channels, 3x3 or the 1x1 shortcut). Checks that the
+variants agree first.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from sqjax import models, native
 SHAPES = "32x80x200x8,8x80x200x16,32x40x100x16,8x80x200x32,8x40x100x64,8x20x50x128,8x10x25x256"
 DN = ("NHWC", "HWIO", "NHWC")
 PAD = ((1, 1), (1, 1))
+STRIDED = "8x80x200x32:64,32x80x200x32:64,32x40x100x64:128,32x20x50x128:256,32x80x200x8:16"
 
 
 def _xla(x, dy, w):
@@ -39,9 +43,49 @@ def _native(x, dy, w):
     return native.conv_kernel_grad(x, dy, w.shape, (1, 1), PAD)
 
 
+def _timed(fns, args, steps: int) -> list[float]:
+    """Median ms per call of each of ``fns``, called in turn."""
+    times = [[] for _ in fns]
+    for _ in range(steps):
+        for f, ts in zip(fns, times, strict=True):
+            tic = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            ts.append(time.perf_counter() - tic)
+    return [1e3 * float(np.median(ts)) for ts in times]
+
+
+def _strided_pair(x_shape: tuple, pad) -> tuple:
+    """(XLA's, strided_input_grad's) input gradient of a stride-2 conv, jitted: (dy, w) -> dx."""
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 2), pad, dimension_numbers=DN)
+    x = jnp.zeros(x_shape)
+    xla = lambda dy, w: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]
+    phased = lambda dy, w: models.strided_input_grad(dy, w, x_shape[1:3], (2, 2), pad)
+    # compiled as training steps are (models.training_compiler_options)
+    options = models.training_compiler_options(models.build_encoder("resnet_tiny", conv_slice=-1))
+    xla, phased = (jax.jit(f, compiler_options=options or None) for f in (xla, phased))
+    return xla, phased, lambda w: jax.eval_shape(conv, x, w).shape
+
+
+def strided_input_grads(shapes: str, steps: int) -> None:
+    print(f"\n{'stride-2 conv':>22} {'kernel':>6} {'xla':>7} {'phased':>7} {'speed-up':>8}")
+    for spec in shapes.split(","):
+        shape, out = spec.split(":")
+        n, h, w_, c = (int(d) for d in shape.split("x"))
+        for k, pad in ((3, PAD), (1, ((0, 0), (0, 0)))):
+            w = jax.random.normal(jax.random.key(1), (k, k, c, int(out)))
+            xla, phased, dy_shape = _strided_pair((n, h, w_, c), pad)
+            dy = jax.random.normal(jax.random.key(2), dy_shape(w))
+            want, got = xla(dy, w), phased(dy, w)
+            scale = float(jnp.abs(want).max())
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+            ms = _timed((xla, phased), (dy, w), steps)
+            print(f"{spec:>22} {k}x{k:<4} {ms[0]:>7.1f} {ms[1]:>7.1f} {ms[0] / ms[1]:>7.2f}x")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default=SHAPES, help="batch x height x width x channels, ...")
+    p.add_argument("--strided", default=STRIDED, help="stride-2 convolutions: NxHxWxC:out, ...")
     p.add_argument("--steps", type=int, default=7)
     a = p.parse_args()
     if not native.available():
@@ -63,19 +107,14 @@ def main():
         scale = float(jnp.abs(results[0]).max())
         for r in results[1:]:
             np.testing.assert_allclose(r, results[0], rtol=1e-4, atol=1e-5 * scale)
-        times = [[] for _ in fns]
-        for _ in range(a.steps):
-            for f, ts in zip(fns, times, strict=True):
-                tic = time.perf_counter()
-                jax.block_until_ready(f(x, dy, w))
-                ts.append(time.perf_counter() - tic)
-        ms = [1e3 * float(np.median(ts)) for ts in times]
+        ms = _timed(fns, (x, dy, w), a.steps)
         gflops = 2 * 9 * c * c * n * h * w_ / ms[2] / 1e6
         print(
             f"{spec:>18} {ms[0]:>9.1f} {ms[1]:>7.1f} {ms[2]:>7.1f} {gflops:>7.0f} "
             f"{ms[1] / ms[2]:>8.2f}x",
             flush=True,
         )
+    strided_input_grads(a.strided, a.steps)
 
 
 if __name__ == "__main__":

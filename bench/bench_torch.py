@@ -8,12 +8,14 @@ Both sides build the same network (a sqjax preset: stem, residual stages, statis
 pooling, embedding layer; an AAM-softmax head for training) on random 200-frame x 80-mel
 inputs. Training: one SGD-with-momentum step, forward + backward + update. Embedding:
 the inference forward pass (PyTorch in ``inference_mode``; sqjax's ``jitted_embed``) on
-``--embed-frames`` frames. Steps alternate between the sides, so all see the same
-machine load; the table gives medians of warm steps and the ratio sqjax/PyTorch in
-examples/s (above 1: sqjax is faster). ``--conv-slice`` times sqjax once per value of
+``--embed-frames`` frames. The sides take turns in two rounds of consecutive steps (each
+round's first step untimed), so all see the same machine load; the table gives medians
+of warm steps and the ratio sqjax/PyTorch in examples/s (above 1: sqjax is faster). ``--conv-slice`` times sqjax once per value of
 ``train.conv_slice`` (examples per kernel-gradient slice; 0: the whole batch; -1: sized
 per layer, the CPU default) and of ``--native`` (1: float32 kernel gradients by
-``sqjax.native``'s C++ kernel, the CPU default where a compiler is found; 0: the slices);
+``sqjax.native``'s C++ kernel, the CPU default where a compiler is found; 0: the slices)
+and of ``--phased`` (1: strided convolutions' input gradients from stride-1 convolutions,
+``models.strided_input_grad``, the CPU default; 0: XLA's);
 the step is compiled with ``models.training_compiler_options``, as ``train.train`` does.
 Embedding is timed twice: with XLA's default options (a
 plain ``jax.jit``) and as sqjax compiles it (``evaluate.jitted_embed``, with
@@ -169,7 +171,7 @@ def run(a) -> None:
         f"{a.steps} warm steps, alternating"
     )
     print(
-        f"{'model':>12} {'what':>6} {'batch':>5} {'variant':>11} {'sqjax ex/s':>10} "
+        f"{'model':>12} {'what':>6} {'batch':>5} {'variant':>15} {'sqjax ex/s':>10} "
         f"{'torch ex/s':>10} {'ratio':>6}"
     )
     rng = np.random.default_rng(0)
@@ -184,20 +186,22 @@ def run(a) -> None:
             y = rng.integers(0, a.classes, batch)
             theirs_fn = functools.partial(_torch_train, net, opt, torch.from_numpy(x),
                                           torch.from_numpy(y))  # fmt: skip
-            for examples, use_native in itertools.product(
-                (int(c) for c in a.conv_slice.split(",")), a.native.split(",")
+            for examples, use_native, phased in itertools.product(
+                (int(c) for c in a.conv_slice.split(",")), a.native.split(","), a.phased.split(",")
             ):
                 if use_native == "1" and not examples:
                     continue  # conv_slice 0: XLA's kernel gradients either way
                 os.environ["SQJAX_NATIVE"] = use_native  # read when the step is traced
+                models.PHASED_INPUT_GRADS = phased == "1"  # also
                 enc = models.build_encoder(name, conv_slice=examples)
                 ours_fn = _JaxTrain(enc, head, tx, x, y, a.n_frames)
                 ours, theirs = _alternate(ours_fn, theirs_fn, steps=a.steps)
                 variant = f"slices {examples if examples >= 0 else 'auto'}"
                 if use_native == "1" and native.available():
                     variant = "native"
+                variant += "" if phased == "1" else ", xla dx"
                 print(
-                    f"{name:>12} {'train':>6} {batch:>5} {variant:>11} {batch / ours:>10.1f} "
+                    f"{name:>12} {'train':>6} {batch:>5} {variant:>15} {batch / ours:>10.1f} "
                     f"{batch / theirs:>10.1f} {theirs / ours:>6.2f}",
                     flush=True,
                 )
@@ -216,22 +220,27 @@ def run(a) -> None:
             )
             for variant, t in (("xla default", plain), ("sqjax", ours)):
                 print(
-                    f"{name:>12} {'embed':>6} {batch:>5} {variant:>11} {batch / t:>10.1f} "
+                    f"{name:>12} {'embed':>6} {batch:>5} {variant:>15} {batch / t:>10.1f} "
                     f"{batch / theirs:>10.1f} {theirs / t:>6.2f}",
                     flush=True,
                 )
 
 
-def _alternate(*fns, steps: int) -> list[float]:
-    """Median seconds of each of ``fns``, called in turn after one warm-up call each."""
-    for fn in fns:
-        fn()
+def _alternate(*fns, steps: int, rounds: int = 2) -> list[float]:
+    """Median seconds of each of ``fns`` over ``steps`` timed calls, taken in ``rounds``
+    rounds of consecutive calls that each start with one untimed call. Each call runs
+    after calls of the same kind, as in a training loop: a step right after the other
+    framework's ran up to 1.6x slower here (ResNet34, batch 32: the kernel's page faults
+    on the memory the other side had just released took 4-5x the system time)."""
     times = [[] for _ in fns]
-    for _ in range(steps):
+    per_round = -(-steps // rounds)
+    for _ in range(rounds):
         for fn, ts in zip(fns, times, strict=True):
-            tic = time.perf_counter()
             fn()
-            ts.append(time.perf_counter() - tic)
+            for _ in range(per_round):
+                tic = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - tic)
     return [float(np.median(ts)) for ts in times]
 
 
@@ -247,6 +256,11 @@ def main():
     p.add_argument("--conv-slice", default="-1", help="sqjax conv_slice values (-1: per layer)")
     p.add_argument(
         "--native", default="1,0", help="1: kernel gradients by sqjax.native; 0: the slices"
+    )
+    p.add_argument(
+        "--phased",
+        default="1",
+        help="1: strided input gradients from stride-1 convolutions (the CPU default); 0: XLA's",
     )
     p.add_argument("--cpu-devices", type=int, default=1, help="simulated CPU devices for sqjax")
     a = p.parse_args()

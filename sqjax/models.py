@@ -62,6 +62,9 @@ def _conv(
     )
 
 
+# sliced_conv computes strided convolutions' input gradients on XLA:CPU from stride-1
+# convolutions (strided_input_grad); False: XLA's own (benchmarks compare both).
+PHASED_INPUT_GRADS = True
 MAX_SLICES = 16  # more unrolled slices compile slower for little gain
 AUTO_SLICE = -1  # conv_slice: examples per slice chosen per layer (slice_examples)
 
@@ -106,9 +109,15 @@ def sliced_conv(examples: int) -> Callable:
 
         def bwd(res, dy):
             x, w = res
-            dx = jax.vjp(lambda x: plain(x, w), x)[1](dy)[0]
-            geometry = _native_geometry(x, w, window_strides, padding, kw)
-            if geometry is not None:  # XLA:CPU runs sqjax's kernel, other backends XLA's
+            input_grad = lambda dy, w: jax.vjp(lambda x: plain(x, w), x)[1](dy)[0]
+            geometry = _plain_geometry(x, w, window_strides, padding, kw)
+            if geometry is not None and max(geometry[0]) > 1 and PHASED_INPUT_GRADS:
+                phased = lambda dy, w: strided_input_grad(dy, w, x.shape[1:3], *geometry)
+                dx = jax.lax.platform_dependent(dy, w, cpu=phased, default=input_grad)
+            else:
+                dx = input_grad(dy, w)
+            if geometry is not None and _native_kernel_grad(x, w, geometry):
+                # XLA:CPU runs sqjax's kernel, other backends XLA's
                 native_grad = lambda x, dy, w: native.conv_kernel_grad(x, dy, w.shape, *geometry)
                 dw = jax.lax.platform_dependent(x, dy, w, cpu=native_grad, default=sliced_grad)
                 return dx, dw
@@ -134,14 +143,12 @@ def sliced_conv(examples: int) -> Callable:
 _NHWC = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
-def _native_geometry(x, w, strides, padding, kw) -> tuple | None:
-    """``(strides, padding pairs)`` where ``native.conv_kernel_grad`` computes this
-    convolution's kernel gradient: a plain float32 NHWC/HWIO convolution (no dilation,
-    groups or negative padding), with the native kernel built; else None."""
+def _plain_geometry(x, w, strides, padding, kw) -> tuple | None:
+    """``(strides, padding pairs)`` of a plain NHWC/HWIO convolution (no dilation, groups
+    or preferred element type); else None."""
     dn = kw.get("dimension_numbers")
     plain = (
         x.ndim == 4
-        and x.dtype == w.dtype == jnp.float32
         and dn is not None
         and jax.lax.conv_dimension_numbers(x.shape, w.shape, dn) == _NHWC
         and all(tuple(kw.get(k) or (1, 1)) == (1, 1) for k in ("lhs_dilation", "rhs_dilation"))
@@ -154,9 +161,54 @@ def _native_geometry(x, w, strides, padding, kw) -> tuple | None:
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
     padding = tuple(tuple(int(p) for p in pair) for pair in padding)
-    if min(min(pair) for pair in padding) < 0 or not native.available():
-        return None
     return tuple(int(s) for s in strides), padding
+
+
+def _native_kernel_grad(x, w, geometry) -> bool:
+    """Whether ``native.conv_kernel_grad`` computes the kernel gradient of this plain
+    convolution: float32, no negative padding, the native kernel built."""
+    padding = geometry[1]
+    float32 = x.dtype == w.dtype == jnp.float32
+    return float32 and min(map(min, padding)) >= 0 and native.available()
+
+
+def strided_input_grad(dy, w, x_hw: tuple[int, int], strides, padding) -> jax.Array:
+    """The input gradient of a strided NHWC/HWIO convolution (``x`` of spatial shape
+    ``x_hw``, output gradient ``dy``) from stride-1 convolutions, one per phase of the input
+    grid: input row ``s*q + r`` only meets the kernel taps ``k = (r + pad) mod s, k + s,
+    ...``, so each phase ``r`` is a stride-1 convolution of ``dy`` with those taps, and
+    the phases are interleaved. XLA:CPU lowers the plain input gradient to a convolution of
+    ``dy`` dilated with zeros (4x the work at stride 2): at the ResNets' stride-2 shapes this
+    was 1.35-2.7x faster per layer (``bench/bench_kernel_grad.py``), whole training steps
+    1.0-1.08x (``bench/bench_torch.py --phased 1,0``). Negative pads crop ``dy``."""
+    phases = []  # per axis: (first tap, (low pad, high pad), length) of each phase
+    for s, (p, _), k, n_out, n_in in zip(strides, padding, w.shape[:2], dy.shape[1:3], x_hw):
+        axis = []
+        for r in range(s):
+            k0 = (r + p) % s  # taps k0, k0 + s, ... reach input rows s*q + r
+            taps = len(range(k0, k, s))
+            shift = (r + p - k0) // s  # row s*q + r meets dy[q + shift - t] through tap k0 + s*t
+            length = -(-(n_in - r) // s)
+            axis.append((k0, taps, (taps - 1 - shift, length - 1 + shift - (n_out - 1)), length))
+        phases.append(axis)
+    full = [-(-n // s) for n, s in zip(x_hw, strides)]
+    grid = []
+    for k0h, th, pad_h, len_h in phases[0]:
+        row = []
+        for k0w, tw, pad_w, len_w in phases[1]:
+            if th == 0 or tw == 0:  # no tap reaches this phase (a 1x1 kernel's odd rows)
+                part = jnp.zeros((dy.shape[0], len_h, len_w, w.shape[2]), dy.dtype)
+            else:  # the taps flipped, inputs and outputs swapped
+                taps = w[k0h :: strides[0], k0w :: strides[1]][::-1, ::-1].swapaxes(2, 3)
+                part = jax.lax.conv_general_dilated(
+                    dy, taps, (1, 1), (pad_h, pad_w), dimension_numbers=("NHWC", "HWIO", "NHWC")
+                )
+            fill = ((0, 0), (0, full[0] - len_h), (0, full[1] - len_w), (0, 0))
+            row.append(jnp.pad(part, fill))
+        grid.append(jnp.stack(row, axis=3))  # (batch, rows, cols, phase w, channels)
+    dx = jnp.stack(grid, axis=2)  # (batch, rows, phase h, cols, phase w, channels)
+    dx = dx.reshape(dy.shape[0], full[0] * strides[0], full[1] * strides[1], w.shape[2])
+    return dx[:, : x_hw[0], : x_hw[1]]
 
 
 # XLA:CPU compiles convolutions (with the elementwise ops around them) into YNNPACK

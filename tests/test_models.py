@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sqjax import native
+from sqjax import models, native
 from sqjax.models import (
     AUTO_SLICE,
     POOL_EPS,
@@ -25,6 +25,7 @@ from sqjax.models import (
     encoder_segments,
     slice_examples,
     sliced_conv,
+    strided_input_grad,
     training_compiler_options,
 )
 
@@ -385,6 +386,66 @@ def test_sliced_conv_gradients_equal_the_plain_convs(batch, examples):
     np.testing.assert_allclose(y1, y0, rtol=1e-6, atol=1e-5)
     for got, want in zip(vjp1(dy), vjp0(dy), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def _numpy_input_grad(dy, w, x_hw, strides, padding):
+    """The input gradient of an NHWC/HWIO convolution by its definition: every output
+    position o sends dy[o] @ w[k].T to input row s*o + k - pad, for each tap k."""
+    dy, w = np.asarray(dy, np.float64), np.asarray(w, np.float64)
+    (sh, sw), ((ph, _), (pw, _)) = strides, padding
+    dx = np.zeros((dy.shape[0], x_hw[0] + 2 * w.shape[0] + ph, x_hw[1] + 2 * w.shape[1] + pw,
+                   w.shape[2]))  # fmt: skip
+    for kh in range(w.shape[0]):
+        for kw in range(w.shape[1]):
+            rows = np.arange(dy.shape[1]) * sh + kh - ph + w.shape[0]  # offset: no negatives
+            cols = np.arange(dy.shape[2]) * sw + kw - pw + w.shape[1]
+            dx[:, rows[:, None], cols[None, :]] += dy @ w[kh, kw].T
+    return dx[:, w.shape[0] : w.shape[0] + x_hw[0], w.shape[1] : w.shape[1] + x_hw[1]]
+
+
+@pytest.mark.parametrize(
+    "x_hw, kernel, strides, padding",
+    [
+        ((9, 11), 3, (2, 2), ((1, 1), (1, 1))),  # the ResNets' strided 3x3, odd sizes
+        ((10, 12), 3, (2, 2), ((1, 1), (1, 1))),  # even sizes
+        ((10, 12), 3, (2, 2), "SAME"),  # XLA's asymmetric (0, 1)
+        ((9, 10), 1, (2, 2), "VALID"),  # the 1x1 shortcut: no tap reaches odd rows
+        ((11, 10), 3, (3, 3), ((2, 2), (1, 0))),  # a tap shift past the padding
+        ((9, 11), 5, (2, 1), ((2, 1), (0, 3))),  # strided in one axis only
+    ],
+)
+def test_strided_input_grad_is_the_definition(x_hw, kernel, strides, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.zeros((3, *x_hw, 5))
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 5, 7)), jnp.float32)
+    kw = {"window_strides": strides, "padding": padding,
+          "dimension_numbers": ("NHWC", "HWIO", "NHWC")}  # fmt: skip
+    pads = padding
+    if isinstance(padding, str):
+        pads = jax.lax.padtype_to_pads(x_hw, w.shape[:2], strides, padding)
+    dy_shape = jax.eval_shape(lambda: jax.lax.conv_general_dilated(x, w, **kw)).shape
+    dy = jnp.asarray(rng.normal(size=dy_shape), jnp.float32)
+    got = jax.jit(strided_input_grad, static_argnums=(2, 3, 4))(dy, w, x_hw, strides, tuple(pads))
+    want = _numpy_input_grad(dy, w, x_hw, strides, pads)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("phased", [True, False])
+def test_strided_convs_backward_has_no_dilated_convolution_on_cpu(phased, monkeypatch):
+    """sliced_conv's input gradient of a stride-2 convolution on the CPU: stride-1
+    convolutions (with PHASED_INPUT_GRADS), not XLA's convolution of a zero-dilated dy;
+    the same values either way."""
+    monkeypatch.setattr(models, "PHASED_INPUT_GRADS", phased)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 10, 12, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 5)), jnp.float32)
+    kw = {"window_strides": (2, 2), "padding": ((1, 1), (1, 1)),
+          "dimension_numbers": ("NHWC", "HWIO", "NHWC")}  # fmt: skip
+    dx = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(sliced_conv(2)(x, w, **kw)))))
+    hlo = dx.lower(x).compile().as_text()
+    assert ("lhs_dilate=2x2" in hlo) != phased
+    want = jax.grad(lambda x: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(x, w, **kw))))(x)
+    np.testing.assert_allclose(dx(x), want, rtol=1e-5, atol=1e-5)
 
 
 def _kernel_grad_convs(jaxpr, kernel_shape) -> int:
