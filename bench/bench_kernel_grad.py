@@ -1,14 +1,16 @@
-"""Convolution gradients on XLA:CPU, per layer: sqjax.native's C++ kernel gradient against
-XLA's lowering, over the whole batch and over slices (``models.sliced_conv``); strided
-convolutions' input gradients by ``models.strided_input_grad`` against XLA's.
+"""sqjax's convolution kernels on XLA:CPU, per layer: sqjax.native's C++ kernel gradient
+against XLA's lowering, over the whole batch and over slices (``models.sliced_conv``);
+strided convolutions' input gradients by ``models.strided_input_grad`` against XLA's; 3x3
+convolutions by ``native.conv3x3`` (Winograd) against XLA's (Eigen).
 
     python bench/bench_kernel_grad.py
 
 Kernel gradients: 3x3, stride-1 NHWC convolutions of the ResNets' layer shapes (batch,
 frequency, time, channels), the median of warm calls, the three in turn; the native
 kernel's GFLOP/s and its speed-up over the slices. Input gradients: the ResNets' stride-2
-convolutions (input shape, output channels, 3x3 or the 1x1 shortcut). Checks that the
-variants agree first.
+convolutions (input shape, output channels, 3x3 or the 1x1 shortcut). Winograd: 3x3
+stride-1 convolutions of embedding shapes (300 frames), compiled as inference programs,
+with GFLOP/s counted as a direct convolution's. Checks that the variants agree first.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sqjax import models, native
 SHAPES = "32x80x200x8,8x80x200x16,32x40x100x16,8x80x200x32,8x40x100x64,8x20x50x128,8x10x25x256"
 DN = ("NHWC", "HWIO", "NHWC")
 PAD = ((1, 1), (1, 1))
+WINOGRAD = "8x80x300x32,8x40x150x64,8x20x75x128,8x10x38x256,32x40x150x32,32x40x150x64,32x20x75x128"
 STRIDED = "8x80x200x32:64,32x80x200x32:64,32x40x100x64:128,32x20x50x128:256,32x80x200x8:16"
 
 
@@ -82,9 +85,30 @@ def strided_input_grads(shapes: str, steps: int) -> None:
             print(f"{spec:>22} {k}x{k:<4} {ms[0]:>7.1f} {ms[1]:>7.1f} {ms[0] / ms[1]:>7.2f}x")
 
 
+def winograd(shapes: str, steps: int) -> None:
+    print(f"\n{'3x3 conv':>22} {'xla':>7} {'wino':>7} {'GFLOP/s':>7} {'speed-up':>8}")
+    options = models.inference_compiler_options() or None
+    for spec in shapes.split(","):
+        n, h, w_, c = (int(d) for d in spec.split("x"))
+        x = jax.random.normal(jax.random.key(1), (n, h, w_, c))
+        w = jax.random.normal(jax.random.key(2), (3, 3, c, c)) / (3 * c**0.5)
+        xla = jax.jit(
+            lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), PAD, dimension_numbers=DN),
+            compiler_options=options,
+        )
+        wino = jax.jit(lambda x, w: native.conv3x3(x, w, PAD), compiler_options=options)
+        want = xla(x, w)
+        scale = float(jnp.abs(want).max())
+        np.testing.assert_allclose(wino(x, w), want, rtol=1e-4, atol=1e-5 * scale)
+        ms = _timed((xla, wino), (x, w), steps)
+        gflops = 2 * 9 * c * c * n * h * w_ / ms[1] / 1e6
+        print(f"{spec:>22} {ms[0]:>7.1f} {ms[1]:>7.1f} {gflops:>7.0f} {ms[0] / ms[1]:>7.2f}x")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default=SHAPES, help="batch x height x width x channels, ...")
+    p.add_argument("--winograd", default=WINOGRAD, help="3x3 convolutions: NxHxWxC, ...")
     p.add_argument("--strided", default=STRIDED, help="stride-2 convolutions: NxHxWxC:out, ...")
     p.add_argument("--steps", type=int, default=7)
     a = p.parse_args()
@@ -115,6 +139,7 @@ def main():
             flush=True,
         )
     strided_input_grads(a.strided, a.steps)
+    winograd(a.winograd, a.steps)
 
 
 if __name__ == "__main__":

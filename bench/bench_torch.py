@@ -17,9 +17,11 @@ per layer, the CPU default) and of ``--native`` (1: float32 kernel gradients by
 and of ``--phased`` (1: strided convolutions' input gradients from stride-1 convolutions,
 ``models.strided_input_grad``, the CPU default; 0: XLA's);
 the step is compiled with ``models.training_compiler_options``, as ``train.train`` does.
-Embedding is timed twice: with XLA's default options (a
-plain ``jax.jit``) and as sqjax compiles it (``evaluate.jitted_embed``, with
-``models.inference_compiler_options``).
+``--winograd`` (1: 3x3 stride-1 convolutions of 64 or more channels by Winograd,
+``native.conv3x3``, in the forward pass and the input gradient, the CPU default; 0: not).
+Embedding is timed three ways: with XLA's convolutions and default options (a plain
+``jax.jit``, "xla default"), as sqjax compiles it (``models.inference_compiler_options``)
+without Winograd ("sqjax no wino") and with it ("sqjax", as ``evaluate.jitted_embed``).
 ``--cpu-devices 2`` runs sqjax data parallel over two simulated CPU devices (one per
 core; the batch sharded over them, as ``sqjax --cpu-devices 2 train`` and sharded
 evaluation do); PyTorch keeps its threads.
@@ -164,6 +166,8 @@ def run(a) -> None:
 
     from sqjax import evaluate, models, native
 
+    WINOGRAD_CHANNELS = models.WINOGRAD_CHANNELS
+
     torch.set_num_threads(a.threads or torch.get_num_threads())
     print(
         f"# jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device), "
@@ -186,13 +190,17 @@ def run(a) -> None:
             y = rng.integers(0, a.classes, batch)
             theirs_fn = functools.partial(_torch_train, net, opt, torch.from_numpy(x),
                                           torch.from_numpy(y))  # fmt: skip
-            for examples, use_native, phased in itertools.product(
-                (int(c) for c in a.conv_slice.split(",")), a.native.split(","), a.phased.split(",")
+            for examples, use_native, phased, winograd in itertools.product(
+                (int(c) for c in a.conv_slice.split(",")),
+                a.native.split(","),
+                a.phased.split(","),
+                a.winograd.split(","),
             ):
                 if use_native == "1" and not examples:
                     continue  # conv_slice 0: XLA's kernel gradients either way
                 os.environ["SQJAX_NATIVE"] = use_native  # read when the step is traced
                 models.PHASED_INPUT_GRADS = phased == "1"  # also
+                models.WINOGRAD_CHANNELS = WINOGRAD_CHANNELS if winograd == "1" else 1 << 30
                 enc = models.build_encoder(name, conv_slice=examples)
                 ours_fn = _JaxTrain(enc, head, tx, x, y, a.n_frames)
                 ours, theirs = _alternate(ours_fn, theirs_fn, steps=a.steps)
@@ -200,6 +208,7 @@ def run(a) -> None:
                 if use_native == "1" and native.available():
                     variant = "native"
                 variant += "" if phased == "1" else ", xla dx"
+                variant += "" if winograd == "1" else ", no wino"
                 print(
                     f"{name:>12} {'train':>6} {batch:>5} {variant:>15} {batch / ours:>10.1f} "
                     f"{batch / theirs:>10.1f} {theirs / ours:>6.2f}",
@@ -211,14 +220,23 @@ def run(a) -> None:
                 jax.device_put(evaluate.encoder_variables(ours_fn.state), replicated),
                 jax.device_put(xe, sharded),
             )
-            xla_default = jax.jit(functools.partial(encoder.apply, train=False))
-            plain, ours, theirs = _alternate(
-                functools.partial(_jax_embed, xla_default, *args),
-                functools.partial(_jax_embed, evaluate.jitted_embed(encoder), *args),
+            apply = functools.partial(encoder.apply, train=False)
+            variants = {  # name: (jitted embedding, Winograd on)
+                "xla default": (jax.jit(apply), False),
+                "sqjax no wino": (models.jit_inference(apply), False),
+                "sqjax": (models.jit_inference(apply), True),  # as evaluate.jitted_embed
+            }
+            compiled = {}
+            for variant, (embed, winograd) in variants.items():  # the switch is read when traced
+                models.WINOGRAD_CHANNELS = WINOGRAD_CHANNELS if winograd else 1 << 30
+                compiled[variant] = embed.lower(*args).compile()
+            models.WINOGRAD_CHANNELS = WINOGRAD_CHANNELS
+            *ours, theirs = _alternate(
+                *(functools.partial(_jax_embed, c, *args) for c in compiled.values()),
                 functools.partial(_torch_embed, net, torch.from_numpy(xe)),
                 steps=a.steps,
             )
-            for variant, t in (("xla default", plain), ("sqjax", ours)):
+            for variant, t in zip(compiled, ours, strict=True):
                 print(
                     f"{name:>12} {'embed':>6} {batch:>5} {variant:>15} {batch / t:>10.1f} "
                     f"{batch / theirs:>10.1f} {theirs / t:>6.2f}",
@@ -261,6 +279,11 @@ def main():
         "--phased",
         default="1",
         help="1: strided input gradients from stride-1 convolutions (the CPU default); 0: XLA's",
+    )
+    p.add_argument(
+        "--winograd",
+        default="1",
+        help="training: 1: 3x3 convolutions of 64+ channels by Winograd (the CPU default); 0: not",
     )
     p.add_argument("--cpu-devices", type=int, default=1, help="simulated CPU devices for sqjax")
     a = p.parse_args()

@@ -85,6 +85,8 @@ def _kind(name: str, instrs: dict, bodies: dict, kernel_shapes: set) -> str:
         body = bodies.get(m.group(1), "")
     if opcode == "custom-call" and "sqjax_conv_kernel_grad" in rest:  # sqjax.native
         return "conv kernel grad"
+    if opcode == "custom-call" and "sqjax_conv3x3_winograd" in rest:
+        return "winograd conv"
     is_conv = opcode == "convolution" or " convolution(" in body
     if is_conv:
         if shape in kernel_shapes:

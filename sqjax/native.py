@@ -1,18 +1,26 @@
-"""sqjax's native XLA:CPU kernel: convolution kernel gradients (``csrc/conv_kernel_grad.cc``).
+"""sqjax's native XLA:CPU kernels: convolution kernel gradients
+(``csrc/conv_kernel_grad.cc``) and 3x3 convolutions by Winograd (``csrc/conv3x3_winograd.cc``).
 
 XLA:CPU computes a convolution's kernel gradient as another convolution whose operands it
 first transposes to channel-major layouts; on the ResNets here those transposes and that
-convolution were 36-48% of a training step's traced time (``bench/profile_step.py``). The C++ kernel reads the NHWC arrays as
-they are (a sum of outer products, register-blocked, split over XLA's intra-op threads):
-1.9-4.3x faster per layer than ``models.sliced_conv``'s slices at 8-64 channels, 0.9-1.6x
-at 128-256, and 3-7x faster than XLA's kernel gradient over the whole batch
-(``bench/bench_kernel_grad.py``, 2-core CPU, over runs of a noisy machine).
+convolution were 36-48% of a training step's traced time (``bench/profile_step.py``).
+``conv_kernel_grad`` reads the NHWC arrays as they are (a sum of outer products,
+register-blocked, split over XLA's intra-op threads): 1.9-4.3x faster per layer than
+``models.sliced_conv``'s slices at 8-64 channels, 0.9-1.6x at 128-256, and 3-7x faster
+than XLA's kernel gradient over the whole batch (``bench/bench_kernel_grad.py``, 2-core
+CPU, over runs of a noisy machine).
+
+``conv3x3`` computes 3x3 stride-1 convolutions by Winograd's F(2x2, 3x3) (16 products per
+2x2 outputs and channel pair, not 36), in blocks of tiles that stay in L2: 1.2-1.5x
+Eigen's direct convolution per layer at 64-256 channels, about equal at 16-32
+(``bench/bench_kernel_grad.py``). ``models.sliced_conv`` uses it at 64 channels and more.
 
 It is compiled on first use with the C++ compiler on the path (``$CXX``, else ``g++``)
 against the XLA FFI headers that jaxlib ships, and cached in ``$SQJAX_CACHE_DIR`` (default
 ``~/.cache/sqjax``) under a hash of the source, compiler, flags, FFI headers and CPU.
-Without a compiler, or with ``SQJAX_NATIVE=0``, ``available()`` is False and
-``models.sliced_conv`` computes kernel gradients over slices of the batch, as before.
+Without a compiler, or with ``SQJAX_NATIVE=0``, ``available()`` is False:
+``models.sliced_conv`` computes kernel gradients over slices of the batch and leaves the
+convolutions to XLA.
 """
 
 from __future__ import annotations
@@ -38,8 +46,12 @@ from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger("sqjax")
 
-SOURCE = pathlib.Path(__file__).with_name("csrc") / "conv_kernel_grad.cc"
+SOURCES = tuple(
+    pathlib.Path(__file__).with_name("csrc") / f
+    for f in ("conv_kernel_grad.cc", "conv3x3_winograd.cc")
+)
 TARGET = "sqjax_conv_kernel_grad"
+WINOGRAD_TARGET = "sqjax_conv3x3_winograd"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -70,9 +82,9 @@ def _build(compiler: str) -> pathlib.Path:
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
     headers = sorted((pathlib.Path(include) / "xla" / "ffi" / "api").glob("*.h"))
-    parts = [SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_id()]
+    parts = [*(f.read_text() for f in SOURCES), compiler, version, " ".join(FLAGS), _cpu_id()]
     key = hashlib.sha256("\0".join(parts + [h.read_text() for h in headers]).encode())
-    name = f"conv_kernel_grad-{key.hexdigest()[:16]}.so"
+    name = f"sqjax_native-{key.hexdigest()[:16]}.so"
     for folder in (cache_dir(), pathlib.Path(tempfile.gettempdir()) / "sqjax"):
         if (folder / name).exists():
             return folder / name
@@ -85,11 +97,11 @@ def _build(compiler: str) -> pathlib.Path:
     else:
         raise OSError(f"no writable folder for the kernel: set SQJAX_CACHE_DIR ({cache_dir()})")
     out = folder / name
-    log.info("sqjax: compiling %s into %s (once per machine)", SOURCE.name, folder)
+    log.info("sqjax: compiling %s into %s (once per machine)", [f.name for f in SOURCES], folder)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", tmp]
+        cmd = [compiler, *FLAGS, f"-I{include}", *map(str, SOURCES), "-o", tmp]
         done = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -119,9 +131,9 @@ def _load() -> bool:
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-        jax.ffi.register_ffi_target(
-            TARGET, jax.ffi.pycapsule(lib.SqjaxConvKernelGrad), platform="cpu"
-        )
+        for target, symbol in ((TARGET, lib.SqjaxConvKernelGrad),
+                               (WINOGRAD_TARGET, lib.SqjaxConv3x3Winograd)):  # fmt: skip
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         log.warning("sqjax: native kernel unavailable, XLA computes kernel gradients: %s", e)
         return False
@@ -176,4 +188,61 @@ def _partitioned(kernel_shape, strides, padding):
         reduction_factors=("b",),
         need_replication_factors=("h", "w", "c", "i", "j", "o"),  # in the rule's order
     )
-    return f
+    return _vmappable(f)
+
+
+def _vmappable(f):
+    """``f`` under ``jax.vmap`` as one call per element (custom_partitioning has no
+    batching rule; ``lax.platform_dependent`` traces the CPU branch on every backend, so
+    a vmapped model would fail on GPUs too)."""
+    return jax.custom_batching.sequential_vmap(f)
+
+
+# Winograd's F(2x2, 3x3) kernel transform: u = G g G^T for each channel pair.
+_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
+_GG = np.kron(_G, _G)  # [a * 4 + b, i * 3 + j] = G[a, i] * G[b, j]
+
+
+def conv3x3(
+    x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]
+) -> jax.Array:
+    """The float32 NHWC convolution of ``x`` with a 3x3 HWIO ``kernel`` at stride 1,
+    ``padding`` (low, high) per spatial axis, by Winograd's F(2x2, 3x3): 16 products per
+    2x2 outputs and channel pair instead of 36; equal to ``lax.conv_general_dilated`` to
+    float rounding (about 1e-6 of the outputs' scale). XLA:CPU only (needs
+    ``available()``); the kernel is transformed here, so it may be traced. A batch sharded
+    over devices stays sharded (each device convolves its shard)."""
+    # (G x G) @ kernel as (9, C*K): one product, no transposes (an einsum made XLA copy
+    # the kernel twice, 12% of ResNet34's embedding time)
+    u = (jnp.asarray(_GG) @ kernel.reshape(9, -1)).reshape(16, *kernel.shape[2:])
+    return _winograd(tuple(map(tuple, padding)))(x, u)
+
+
+@functools.cache
+def _winograd(padding):
+    (ph, ph_hi), (pw, pw_hi) = padding
+
+    def call(x, u):
+        n, h, w, _ = x.shape
+        out = jax.ShapeDtypeStruct((n, h + ph + ph_hi - 2, w + pw + pw_hi - 2, u.shape[2]), x.dtype)
+        return jax.ffi.ffi_call(WINOGRAD_TARGET, out, vmap_method="sequential")(
+            x, u, pad_h=np.int64(ph), pad_w=np.int64(pw)
+        )
+
+    def partition(mesh, arg_shapes, result_shape):
+        spec = arg_shapes[0].sharding.spec
+        batch = NamedSharding(mesh, P(spec[0] if len(spec) else None))
+        return mesh, call, batch, (batch, NamedSharding(mesh, P()))
+
+    def infer(mesh, arg_shapes, result_shape):
+        spec = arg_shapes[0].sharding.spec
+        return NamedSharding(mesh, P(spec[0] if len(spec) else None))
+
+    f = custom_partitioning(call)
+    f.def_partition(
+        partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule="b h w c, e c k -> b i j k",
+        need_replication_factors=("h", "w", "c", "e", "k", "i", "j"),
+    )
+    return _vmappable(f)

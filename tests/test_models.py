@@ -448,6 +448,31 @@ def test_strided_convs_backward_has_no_dilated_convolution_on_cpu(phased, monkey
     np.testing.assert_allclose(dx(x), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("examples, calls", [(AUTO_SLICE, 2), (0, 1), (AUTO_SLICE, 0)])
+def test_sliced_conv_runs_winograd_where_it_wins(examples, calls, monkeypatch):
+    """A 3x3 stride-1 convolution of 64 channels on the CPU: Winograd (native.conv3x3) in
+    the forward pass and, unless conv_slice is 0 (XLA's gradients), the input gradient;
+    with SQJAX_NATIVE=0 (the last case) XLA's. Output and gradients equal the plain
+    convolution's either way."""
+    if calls and not native.available():
+        pytest.skip("no C++ compiler: sqjax.native is not built (tests/test_native.py)")
+    monkeypatch.setenv("SQJAX_NATIVE", "1" if calls else "0")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 6, 9, 64)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 64, 64)) / 24, jnp.float32)
+    kw = {"window_strides": (1, 1), "padding": ((1, 1), (1, 1)),
+          "dimension_numbers": ("NHWC", "HWIO", "NHWC")}  # fmt: skip
+    plain = lambda x, w: jax.lax.conv_general_dilated(x, w, **kw)
+    fast = lambda x, w: sliced_conv(examples)(x, w, **kw)
+    loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+    grad = jax.jit(jax.value_and_grad(loss(fast), argnums=(0, 1)))
+    assert grad.lower(x, w).as_text().count(native.WINOGRAD_TARGET) == calls
+    got, want = grad(x, w), jax.value_and_grad(loss(plain), argnums=(0, 1))(x, w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    np.testing.assert_allclose(jax.jit(fast)(x, w), plain(x, w), rtol=1e-4, atol=1e-5)
+
+
 def _kernel_grad_convs(jaxpr, kernel_shape) -> int:
     """Convolutions in ``jaxpr`` (and its sub-jaxprs) whose output has the kernel's shape."""
     n = 0

@@ -1,4 +1,5 @@
-"""sqjax.native: the C++ kernel gradient of NHWC convolutions, against XLA's own."""
+"""sqjax.native: the C++ kernel gradient and Winograd convolution of NHWC convolutions,
+against XLA's own."""
 
 import os
 import shutil
@@ -52,6 +53,58 @@ def test_kernel_grad_equals_xla(x_shape, kernel, out, stride, padding):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(jnp.abs(expected).max()))
 
 
+def _xla_conv(x, w, padding):
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "x_shape,out,padding",
+    [
+        ((2, 9, 11, 64), 64, ((1, 1), (1, 1))),  # odd sizes: the last tiles half outside
+        ((3, 8, 8, 5), 70, ((0, 2), (2, 0))),  # asymmetric pads, channel tails
+        ((1, 5, 6, 17), 9, ((0, 0), (0, 0))),  # "VALID": 3 x 4 outputs
+        ((2, 1, 7, 3), 33, ((1, 1), (2, 2))),  # one input row
+        ((4, 20, 30, 64), 128, ((1, 1), (1, 1))),  # several blocks, two threads
+    ],
+)
+def test_winograd_conv3x3_equals_xla(x_shape, out, padding):
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, x_shape)
+    w = jax.random.normal(kw, (3, 3, x_shape[-1], out))
+    expected = _xla_conv(x, w, padding)
+    got = jax.jit(native.conv3x3, static_argnums=2)(x, w, padding)
+    assert got.shape == expected.shape and got.dtype == jnp.float32
+    # F(2x2, 3x3) rounds differently: about 1e-6 of the outputs' scale
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * float(jnp.abs(expected).max()))
+
+
+@needs_native
+def test_winograd_on_a_sharded_batch_and_under_vmap():
+    """Two CPU devices (conftest.py): each convolves its half of the batch, no gathering.
+    Vmapped over stacked kernels (evaluate's "vmap" strategy), one call per kernel; the
+    kernel gradient too."""
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    kx, kw = jax.random.split(jax.random.key(2))
+    x = jax.random.normal(kx, (4, 6, 10, 8))
+    w = jax.random.normal(kw, (2, 3, 3, 8, 16))
+    pads = ((1, 1), (1, 1))
+    conv = jax.jit(lambda x, w: native.conv3x3(x, w, pads))
+    sharded = jax.device_put(x, batch)
+    assert "all-gather" not in conv.lower(sharded, w[0]).compile().as_text()
+    np.testing.assert_allclose(conv(sharded, w[0]), _xla_conv(x, w[0], pads), rtol=1e-4, atol=1e-4)
+    stacked = jax.jit(jax.vmap(lambda w: native.conv3x3(x, w, pads)))(w)
+    expected = jax.vmap(lambda w: _xla_conv(x, w, pads))(w)
+    np.testing.assert_allclose(stacked, expected, rtol=1e-4, atol=1e-4)
+    y = expected  # and the kernel gradient, vmapped over stacked output gradients
+    got = jax.jit(jax.vmap(lambda dy: native.conv_kernel_grad(x, dy, w.shape[1:], (1, 1), pads)))(y)
+    want = jax.vmap(lambda dy: jax.vjp(lambda w: _xla_conv(x, w, pads), w[0])[1](dy)[0])(y)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * float(jnp.abs(want).max()))
+
+
 def test_off_with_the_environment_variable(monkeypatch):
     monkeypatch.setenv("SQJAX_NATIVE", "0")
     assert not native.available()
@@ -67,7 +120,7 @@ def test_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch
     assert native._build(compiler) == lib and lib.stat().st_mtime_ns == mtime  # not rebuilt
     broken = tmp_path / "broken.cc"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "SOURCES", (broken,))
     with pytest.raises(RuntimeError, match="failed"):
         native._build(compiler)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([lib.name, broken.name])
