@@ -19,9 +19,8 @@ and of ``--phased`` (1: strided convolutions' input gradients from stride-1 conv
 the step is compiled with ``models.training_compiler_options``, as ``train.train`` does.
 ``--winograd`` (1: 3x3 stride-1 convolutions of 64 or more channels by Winograd,
 ``native.conv3x3``, in the forward pass and the input gradient, the CPU default; 0: not).
-Embedding is timed three ways: with XLA's convolutions and default options (a plain
-``jax.jit``, "xla default"), as sqjax compiles it (``models.inference_compiler_options``)
-without Winograd ("sqjax no wino") and with it ("sqjax", as ``evaluate.jitted_embed``).
+Embedding is timed twice: with XLA's default options (a plain ``jax.jit``) and as sqjax
+compiles it (``evaluate.jitted_embed``, with ``models.inference_compiler_options``).
 ``--cpu-devices 2`` runs sqjax data parallel over two simulated CPU devices (one per
 core; the batch sharded over them, as ``sqjax --cpu-devices 2 train`` and sharded
 evaluation do); PyTorch keeps its threads.
@@ -221,16 +220,10 @@ def run(a) -> None:
                 jax.device_put(xe, sharded),
             )
             apply = functools.partial(encoder.apply, train=False)
-            variants = {  # name: (jitted embedding, Winograd on)
-                "xla default": (jax.jit(apply), False),
-                "sqjax no wino": (models.jit_inference(apply), False),
-                "sqjax": (models.jit_inference(apply), True),  # as evaluate.jitted_embed
+            compiled = {  # XLA's default options; sqjax's, as evaluate.jitted_embed
+                "xla default": jax.jit(apply).lower(*args).compile(),
+                "sqjax": models.jit_inference(apply).lower(*args).compile(),
             }
-            compiled = {}
-            for variant, (embed, winograd) in variants.items():  # the switch is read when traced
-                models.WINOGRAD_CHANNELS = WINOGRAD_CHANNELS if winograd else 1 << 30
-                compiled[variant] = embed.lower(*args).compile()
-            models.WINOGRAD_CHANNELS = WINOGRAD_CHANNELS
             *ours, theirs = _alternate(
                 *(functools.partial(_jax_embed, c, *args) for c in compiled.values()),
                 functools.partial(_torch_embed, net, torch.from_numpy(xe)),
@@ -283,7 +276,7 @@ def main():
     p.add_argument(
         "--winograd",
         default="1",
-        help="training: 1: 3x3 convolutions of 64+ channels by Winograd (the CPU default); 0: not",
+        help="1: 3x3 convolutions of 64+ channels by Winograd in training (the default); 0: not",
     )
     p.add_argument("--cpu-devices", type=int, default=1, help="simulated CPU devices for sqjax")
     a = p.parse_args()

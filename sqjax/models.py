@@ -95,9 +95,10 @@ def sliced_conv(examples: int) -> Callable:
     divisor of the batch), so on a batch sharded over devices each keeps an equal share
     of every slice. ``examples = 0``: XLA's gradients.
 
-    On XLA:CPU, 3x3 stride-1 float32 convolutions of at least ``WINOGRAD_CHANNELS`` input
-    and output channels run by ``native.conv3x3`` (Winograd), in the forward pass and for
-    the input gradient (unless ``examples = 0``)."""
+    In training on XLA:CPU (where the convolution is differentiated), 3x3 stride-1 float32
+    convolutions of at least ``WINOGRAD_CHANNELS`` input and output channels run by
+    ``native.conv3x3`` (Winograd), in the forward pass and for the input gradient (unless
+    ``examples = 0``); inference keeps XLA's convolutions."""
 
     def conv(lhs, rhs, window_strides, padding, **kw):
         plain = functools.partial(
@@ -112,8 +113,8 @@ def sliced_conv(examples: int) -> Callable:
             return jax.lax.platform_dependent(x, w, cpu=fast, default=plain)
 
         @jax.custom_vjp
-        def f(x, w):
-            return forward(x, w)
+        def f(x, w):  # not differentiated (embedding, BatchNorm re-estimation): XLA's
+            return plain(x, w)
 
         def fwd(x, w):
             return forward(x, w), (x, w)
@@ -190,12 +191,13 @@ def _native_kernel_grad(x, w, geometry) -> bool:
     return float32 and min(map(min, padding)) >= 0 and native.available()
 
 
-# Both channel counts at least this: Winograd (native.conv3x3) on XLA:CPU. Single 3x3
-# layers (bench/bench_kernel_grad.py): 1.2-1.5x Eigen's direct convolution at 64-256
-# channels, 0.93-1.04x at 16-32, where the transforms' memory traffic outweighs the
-# products saved. Whole training steps (forward and input gradients): 1.11x on ResNet34 at
-# batches 8 and 32, 1.13x / 0.96x on the demo preset at 32 / 8; embedding about equal
-# (0.98-1.01x), though a chain of seven 64-channel layers ran 1.3x faster.
+# Both channel counts at least this: Winograd (native.conv3x3) in training on XLA:CPU.
+# Single 3x3 layers (bench/bench_kernel_grad.py): 1.3-1.5x Eigen's direct convolution at
+# 64-256 channels, 0.98-1.18x at 32, where the transforms' memory traffic outweighs the
+# products saved. Training steps, forward and input gradients (bench/bench_torch.py
+# --winograd 0,1, one run): 1.09-1.13x on ResNet34, 1.00-1.02x on the demo preset. Embedding was
+# no faster with it (0.95-1.02x in one run, though seven 64-channel layers in a row ran
+# 1.3x faster), so inference keeps XLA's convolutions.
 WINOGRAD_CHANNELS = 64
 
 
