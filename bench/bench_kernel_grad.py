@@ -71,7 +71,7 @@ def _strided_pair(x_shape: tuple, pad) -> tuple:
 
 def strided_input_grads(shapes: str, steps: int) -> None:
     print(f"\n{'stride-2 conv':>22} {'kernel':>6} {'xla':>7} {'phased':>7} {'speed-up':>8}")
-    for spec in shapes.split(","):
+    for spec in filter(None, shapes.split(",")):
         shape, out = spec.split(":")
         n, h, w_, c = (int(d) for d in shape.split("x"))
         for k, pad in ((3, PAD), (1, ((0, 0), (0, 0)))):
@@ -88,7 +88,7 @@ def strided_input_grads(shapes: str, steps: int) -> None:
 def winograd(shapes: str, steps: int) -> None:
     print(f"\n{'3x3 conv':>22} {'xla':>7} {'wino':>7} {'GFLOP/s':>7} {'speed-up':>8}")
     options = models.inference_compiler_options() or None
-    for spec in shapes.split(","):
+    for spec in filter(None, shapes.split(",")):
         n, h, w_, c = (int(d) for d in spec.split("x"))
         x = jax.random.normal(jax.random.key(1), (n, h, w_, c))
         w = jax.random.normal(jax.random.key(2), (3, 3, c, c)) / (3 * c**0.5)
@@ -118,7 +118,7 @@ def main():
     print(
         f"{'shape':>18} {'xla batch':>9} {'slices':>7} {'native':>7} {'GFLOP/s':>7} {'vs slices':>9}"
     )
-    for spec in a.shapes.split(","):
+    for spec in filter(None, a.shapes.split(",")):
         n, h, w_, c = (int(d) for d in spec.split("x"))
         kx, kd = jax.random.split(jax.random.key(0))
         x, dy = jax.random.normal(kx, (n, h, w_, c)), jax.random.normal(kd, (n, h, w_, c))

@@ -1,8 +1,11 @@
 """sqjax.native: the C++ kernel gradient and Winograd convolution of NHWC convolutions,
 against XLA's own."""
 
+import ctypes
 import os
+import platform
 import shutil
+import subprocess
 import tempfile
 
 import jax
@@ -103,6 +106,61 @@ def test_winograd_on_a_sharded_batch_and_under_vmap():
     got = jax.jit(jax.vmap(lambda dy: native.conv_kernel_grad(x, dy, w.shape[1:], (1, 1), pads)))(y)
     want = jax.vmap(lambda dy: jax.vjp(lambda w: _xla_conv(x, w, pads), w[0])[1](dy)[0])(y)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * float(jnp.abs(want).max()))
+
+
+# x86 instruction sets the kernels are written for (vector width, register block), the
+# -march that selects each and the /proc/cpuinfo flag a CPU needs to run it.
+ISAS = {
+    "sse": ("-march=x86-64", "sse2"),
+    "avx2": ("-march=haswell", "avx2"),
+    "avx512": ("-march=skylake-avx512", "avx512f"),
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for ln in f if ln.startswith("flags") for w in ln.split(":")[1].split()}
+    except OSError:
+        return set()
+
+
+@needs_native
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 instruction sets")
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_vector_width_computes_the_same(isa, tmp_path):
+    """The sources built for each instruction set this CPU runs (not only -march=native):
+    their vector types and register blocks differ, so do their tails."""
+    march, flag = ISAS[isa]
+    if flag not in _cpu_flags():
+        pytest.skip(f"this CPU lacks {flag}")
+    flags = [f for f in native.FLAGS if not f.startswith("-march")] + [march]
+    lib_path = tmp_path / f"{isa}.so"
+    cmd = [shutil.which(os.environ.get("CXX", "g++")), *flags, f"-I{jax.ffi.include_dir()}"]
+    subprocess.run([*cmd, *map(str, native.SOURCES), "-o", str(lib_path)], check=True)
+    lib = ctypes.cdll.LoadLibrary(str(lib_path))
+    grad_target, conv_target = f"sqjax_test_{isa}_grad", f"sqjax_test_{isa}_conv"
+    for target, symbol in ((grad_target, lib.SqjaxConvKernelGrad),
+                           (conv_target, lib.SqjaxConv3x3Winograd)):  # fmt: skip
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
+    # 13 channels: blocks of 6 or 8 and a tail; 45 outputs: 32 + 8 + 4 + 1 or 16 + 16 + ...
+    kx, kw, kd = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (2, 9, 11, 13))
+    w = jax.random.normal(kw, (3, 3, 13, 45))
+    pads = ((1, 1), (1, 1))
+    y, pullback = jax.vjp(lambda w: _xla_conv(x, w, pads), w)
+    dy = jax.random.normal(kd, y.shape)
+    one = np.int64(1)
+    grad = jax.ffi.ffi_call(grad_target, jax.ShapeDtypeStruct(w.shape, jnp.float32))(
+        x, dy, stride_h=one, stride_w=one, pad_h=one, pad_w=one
+    )
+    want = pullback(dy)[0]
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    u = (native._GG @ w.reshape(9, -1)).reshape(16, 13, 45)  # G g G^T, as native.conv3x3
+    conv = jax.ffi.ffi_call(conv_target, jax.ShapeDtypeStruct(y.shape, jnp.float32))(
+        x, u, pad_h=one, pad_w=one
+    )
+    np.testing.assert_allclose(conv, y, rtol=1e-4, atol=1e-5 * float(jnp.abs(y).max()))
 
 
 def test_off_with_the_environment_variable(monkeypatch):

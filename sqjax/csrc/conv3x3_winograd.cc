@@ -25,8 +25,22 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
+// One vector register of floats, and the register block of Product (tiles x outputs):
+// kRows x 2 vectors, accumulated in 2 * kRows registers (16 of AVX-512's 32, 12 of AVX2's
+// or SSE's 16). Vectors wider than the registers make GCC spill: 64-byte vectors on an
+// AVX2 CPU ran 10-20x slower (bench/bench_kernel_grad.py).
+#if defined(__AVX512F__)
+typedef float vec __attribute__((vector_size(64)));
+constexpr int kRows = 8;
+#elif defined(__AVX__)
+typedef float vec __attribute__((vector_size(32)));
+constexpr int kRows = 6;
+#else
+typedef float vec __attribute__((vector_size(16)));
+constexpr int kRows = 6;
+#endif
 typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
 
 struct Geometry {
   int64_t n, h, w, c, ho, wo, k, ph, pw, th, tw, block;
@@ -93,33 +107,40 @@ void Product(int64_t c_n, int64_t k_n, const float* __restrict v, const float* _
     for (int q = 0; q < V; ++q) std::memcpy(prod + r * k_n + k0 + L * q, &a[r][q], sizeof(T));
 }
 
-// All K outputs of R tiles, in blocks of 32, 16, 8 and single floats.
+// All K outputs of R tiles, in blocks of 2 vectors, 1 vector, 8 and 4 floats (where
+// narrower than a vector) and single floats.
 template <int R>
 void Outputs(int64_t c_n, int64_t k_n, const float* v, const float* u, float* prod) {
+  constexpr int64_t L = sizeof(vec) / sizeof(float);
   int64_t k = 0;
-  for (; k + 32 <= k_n; k += 32) Product<v16, R, 2>(c_n, k_n, v, u, k, prod);
-  for (; k + 16 <= k_n; k += 16) Product<v16, R, 1>(c_n, k_n, v, u, k, prod);
-  for (; k + 8 <= k_n; k += 8) Product<v8, R, 1>(c_n, k_n, v, u, k, prod);
+  for (; k + 2 * L <= k_n; k += 2 * L) Product<vec, R, 2>(c_n, k_n, v, u, k, prod);
+  for (; k + L <= k_n; k += L) Product<vec, R, 1>(c_n, k_n, v, u, k, prod);
+  if (L > 8)
+    for (; k + 8 <= k_n; k += 8) Product<v8, R, 1>(c_n, k_n, v, u, k, prod);
+  if (L > 4)
+    for (; k + 4 <= k_n; k += 4) Product<v4, R, 1>(c_n, k_n, v, u, k, prod);
   for (; k < k_n; ++k) Product<float, R, 1>(c_n, k_n, v, u, k, prod);
 }
 
-// prod[e] = v[e] @ u[e] for the 16 transformed positions e, 8 tiles at a time.
+// The last n < kRows tiles.
+template <int R = kRows - 1>
+void Tail(int64_t n, int64_t c_n, int64_t k_n, const float* v, const float* u, float* prod) {
+  if constexpr (R > 0) {
+    if (n == R) return Outputs<R>(c_n, k_n, v, u, prod);
+    Tail<R - 1>(n, c_n, k_n, v, u, prod);
+  }
+}
+
+// prod[e] = v[e] @ u[e] for the 16 transformed positions e, kRows tiles at a time.
 void Products(const Geometry& g, int64_t tiles, const float* v, const float* u, float* prod) {
   for (int e = 0; e < 16; ++e) {
     const float* ve = v + e * Lead(tiles, g.c);
     const float* ue = u + e * g.c * g.k;
     float* pe = prod + e * Lead(tiles, g.k);
     int64_t t = 0;
-    for (; t + 8 <= tiles; t += 8) Outputs<8>(g.c, g.k, ve + t * g.c, ue, pe + t * g.k);
-    switch (tiles - t) {
-      case 7: Outputs<7>(g.c, g.k, ve + t * g.c, ue, pe + t * g.k); break;
-      case 6: Outputs<6>(g.c, g.k, ve + t * g.c, ue, pe + t * g.k); break;
-      case 5: Outputs<5>(g.c, g.k, ve + t * g.c, ue, pe + t * g.k); break;
-      case 4: Outputs<4>(g.c, g.k, ve + t * g.c, ue, pe + t * g.k); break;
-      case 3: Outputs<3>(g.c, g.k, ve + t * g.c, ue, pe + t * g.k); break;
-      case 2: Outputs<2>(g.c, g.k, ve + t * g.c, ue, pe + t * g.k); break;
-      case 1: Outputs<1>(g.c, g.k, ve + t * g.c, ue, pe + t * g.k); break;
-    }
+    for (; t + kRows <= tiles; t += kRows)
+      Outputs<kRows>(g.c, g.k, ve + t * g.c, ue, pe + t * g.k);
+    Tail(tiles - t, g.c, g.k, ve + t * g.c, ue, pe + t * g.k);
   }
 }
 

@@ -21,8 +21,22 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
+// One vector register of floats, and the register block of Tile (channels x outputs):
+// kRows x 2 vectors, accumulated in 2 * kRows registers (16 of AVX-512's 32, 12 of AVX2's
+// or SSE's 16). Vectors wider than the registers make GCC spill: 64-byte vectors on an
+// AVX2 CPU ran 10-20x slower (bench/bench_kernel_grad.py).
+#if defined(__AVX512F__)
+typedef float vec __attribute__((vector_size(64)));
+constexpr int kRows = 8;
+#elif defined(__AVX__)
+typedef float vec __attribute__((vector_size(32)));
+constexpr int kRows = 6;
+#else
+typedef float vec __attribute__((vector_size(16)));
+constexpr int kRows = 6;
+#endif
 typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
 
 struct Geometry {
   int64_t n, hi, wi, c, ho, wo, o, kh, kw, sh, sw, ph, pw;
@@ -63,15 +77,30 @@ void Tile(const Geometry& g, const float* x, const float* dy, int64_t row0, int6
     for (int v = 0; v < V; ++v) std::memcpy(acc + r * g.o + L * v, &a[r][v], sizeof(T));
 }
 
-// All O outputs for R channels from c0, in blocks of 32, 16, 8 and single floats.
+// All O outputs for R channels from c0, in blocks of 2 vectors, 1 vector, 8 and 4 floats
+// (where narrower than a vector) and single floats.
 template <int R>
 void Outputs(const Geometry& g, const float* x, const float* dy, int64_t row0, int64_t row1,
              int64_t i, int64_t j, int64_t c0, float* acc) {
+  constexpr int64_t L = sizeof(vec) / sizeof(float);
   int64_t o = 0;
-  for (; o + 32 <= g.o; o += 32) Tile<v16, R, 2>(g, x, dy, row0, row1, i, j, c0, o, acc + o);
-  for (; o + 16 <= g.o; o += 16) Tile<v16, R, 1>(g, x, dy, row0, row1, i, j, c0, o, acc + o);
-  for (; o + 8 <= g.o; o += 8) Tile<v8, R, 1>(g, x, dy, row0, row1, i, j, c0, o, acc + o);
+  for (; o + 2 * L <= g.o; o += 2 * L)
+    Tile<vec, R, 2>(g, x, dy, row0, row1, i, j, c0, o, acc + o);
+  for (; o + L <= g.o; o += L) Tile<vec, R, 1>(g, x, dy, row0, row1, i, j, c0, o, acc + o);
+  if (L > 8)
+    for (; o + 8 <= g.o; o += 8) Tile<v8, R, 1>(g, x, dy, row0, row1, i, j, c0, o, acc + o);
+  for (; o + 4 <= g.o; o += 4) Tile<v4, R, 1>(g, x, dy, row0, row1, i, j, c0, o, acc + o);
   for (; o < g.o; ++o) Tile<float, R, 1>(g, x, dy, row0, row1, i, j, c0, o, acc + o);
+}
+
+// The last n < kRows channels, from c0.
+template <int R = kRows - 1>
+void Tail(const Geometry& g, const float* x, const float* dy, int64_t row0, int64_t row1,
+          int64_t i, int64_t j, int64_t c0, int64_t n, float* acc) {
+  if constexpr (R > 0) {
+    if (n == R) return Outputs<R>(g, x, dy, row0, row1, i, j, c0, acc);
+    Tail<R - 1>(g, x, dy, row0, row1, i, j, c0, n, acc);
+  }
 }
 
 // Adds the contributions of output rows [row0, row1) to acc, in groups of rows (about
@@ -89,8 +118,9 @@ void Rows(const Geometry& g, const float* x, const float* dy, int64_t row0, int6
       for (int64_t j = 0; j < g.kw; ++j) {
         float* a = acc + (i * g.kw + j) * g.c * g.o;
         int64_t c = 0;
-        for (; c + 8 <= g.c; c += 8) Outputs<8>(g, x, dy, r0, r1, i, j, c, a + c * g.o);
-        for (; c < g.c; ++c) Outputs<1>(g, x, dy, r0, r1, i, j, c, a + c * g.o);
+        for (; c + kRows <= g.c; c += kRows)
+          Outputs<kRows>(g, x, dy, r0, r1, i, j, c, a + c * g.o);
+        if (c < g.c) Tail(g, x, dy, r0, r1, i, j, c, g.c - c, a + c * g.o);
       }
   }
 }
