@@ -17,10 +17,12 @@ per layer, the CPU default) and of ``--native`` (1: float32 kernel gradients by
 and of ``--phased`` (1: strided convolutions' input gradients from stride-1 convolutions,
 ``models.strided_input_grad``, the CPU default; 0: XLA's);
 the step is compiled with ``models.training_compiler_options``, as ``train.train`` does.
-``--winograd`` (1: 3x3 stride-1 convolutions of 64 or more channels by Winograd,
-``native.conv3x3``, in the forward pass and the input gradient, the CPU default; 0: not).
-Embedding is timed twice: with XLA's default options (a plain ``jax.jit``) and as sqjax
-compiles it (``evaluate.jitted_embed``, with ``models.inference_compiler_options``).
+``--winograd`` (3x3 stride-1 convolutions by Winograd, ``native.conv3x3``, in the forward
+pass and the input gradient, of at least N channels: 1 for ``models.WINOGRAD_CHANNELS``,
+the CPU default, or N; 0: none). Embedding is timed with XLA's default options (a plain
+``jax.jit``; sqjax's Winograd defaults), then as sqjax compiles it (``evaluate.jitted_embed``, with
+``models.inference_compiler_options``) once per ``--winograd`` value (in inference too,
+``models.WINOGRAD_INFERENCE``).
 ``--cpu-devices 2`` runs sqjax data parallel over two simulated CPU devices (one per
 core; the batch sharded over them, as ``sqjax --cpu-devices 2 train`` and sharded
 evaluation do); PyTorch keeps its threads.
@@ -165,7 +167,10 @@ def run(a) -> None:
 
     from sqjax import evaluate, models, native
 
-    WINOGRAD_CHANNELS = models.WINOGRAD_CHANNELS
+    defaults = models.WINOGRAD_CHANNELS, models.WINOGRAD_INFERENCE
+
+    def winograd_channels(value: str) -> int:  # --winograd: 0 none, 1 the default, else N
+        return {"0": 1 << 30, "1": defaults[0]}.get(value) or int(value)
 
     torch.set_num_threads(a.threads or torch.get_num_threads())
     print(
@@ -199,7 +204,7 @@ def run(a) -> None:
                     continue  # conv_slice 0: XLA's kernel gradients either way
                 os.environ["SQJAX_NATIVE"] = use_native  # read when the step is traced
                 models.PHASED_INPUT_GRADS = phased == "1"  # also
-                models.WINOGRAD_CHANNELS = WINOGRAD_CHANNELS if winograd == "1" else 1 << 30
+                models.WINOGRAD_CHANNELS = winograd_channels(winograd)
                 enc = models.build_encoder(name, conv_slice=examples)
                 ours_fn = _JaxTrain(enc, head, tx, x, y, a.n_frames)
                 ours, theirs = _alternate(ours_fn, theirs_fn, steps=a.steps)
@@ -207,7 +212,7 @@ def run(a) -> None:
                 if use_native == "1" and native.available():
                     variant = "native"
                 variant += "" if phased == "1" else ", xla dx"
-                variant += "" if winograd == "1" else ", no wino"
+                variant += {"0": ", no wino", "1": ""}.get(winograd, f", wino {winograd}")
                 print(
                     f"{name:>12} {'train':>6} {batch:>5} {variant:>15} {batch / ours:>10.1f} "
                     f"{batch / theirs:>10.1f} {theirs / ours:>6.2f}",
@@ -219,11 +224,16 @@ def run(a) -> None:
                 jax.device_put(evaluate.encoder_variables(ours_fn.state), replicated),
                 jax.device_put(xe, sharded),
             )
-            apply = functools.partial(encoder.apply, train=False)
-            compiled = {  # XLA's default options; sqjax's, as evaluate.jitted_embed
-                "xla default": jax.jit(apply).lower(*args).compile(),
-                "sqjax": models.jit_inference(apply).lower(*args).compile(),
-            }
+            # a new function each time: jax reuses a function's trace
+            apply = lambda enc=encoder: functools.partial(enc.apply, train=False)
+            models.WINOGRAD_CHANNELS, models.WINOGRAD_INFERENCE = defaults
+            compiled = {"xla default": jax.jit(apply()).lower(*args).compile()}  # XLA's options
+            for winograd in a.winograd.split(","):  # read when traced
+                models.WINOGRAD_INFERENCE = winograd != "0"
+                models.WINOGRAD_CHANNELS = winograd_channels(winograd)
+                variant = {"0": "sqjax, no wino", "1": "sqjax"}.get(winograd, f"wino {winograd}")
+                compiled[variant] = models.jit_inference(apply()).lower(*args).compile()
+            models.WINOGRAD_CHANNELS, models.WINOGRAD_INFERENCE = defaults
             *ours, theirs = _alternate(
                 *(functools.partial(_jax_embed, c, *args) for c in compiled.values()),
                 functools.partial(_torch_embed, net, torch.from_numpy(xe)),
@@ -276,7 +286,8 @@ def main():
     p.add_argument(
         "--winograd",
         default="1",
-        help="1: 3x3 convolutions of 64+ channels by Winograd in training (the default); 0: not",
+        help="3x3 convolutions by Winograd from 1: models.WINOGRAD_CHANNELS channels (the "
+        "default), N: N channels; 0: none",
     )
     p.add_argument("--cpu-devices", type=int, default=1, help="simulated CPU devices for sqjax")
     a = p.parse_args()

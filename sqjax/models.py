@@ -95,10 +95,10 @@ def sliced_conv(examples: int) -> Callable:
     divisor of the batch), so on a batch sharded over devices each keeps an equal share
     of every slice. ``examples = 0``: XLA's gradients.
 
-    In training on XLA:CPU (where the convolution is differentiated), 3x3 stride-1 float32
-    convolutions of at least ``WINOGRAD_CHANNELS`` input and output channels run by
-    ``native.conv3x3`` (Winograd), in the forward pass and for the input gradient (unless
-    ``examples = 0``); inference keeps XLA's convolutions."""
+    On XLA:CPU, 3x3 stride-1 float32 convolutions of at least ``WINOGRAD_CHANNELS`` input
+    and output channels run by ``native.conv3x3`` (Winograd): in the forward pass (in
+    inference too, unless ``WINOGRAD_INFERENCE`` is off) and for the input gradient (unless
+    ``examples = 0``)."""
 
     def conv(lhs, rhs, window_strides, padding, **kw):
         plain = functools.partial(
@@ -113,8 +113,8 @@ def sliced_conv(examples: int) -> Callable:
             return jax.lax.platform_dependent(x, w, cpu=fast, default=plain)
 
         @jax.custom_vjp
-        def f(x, w):  # not differentiated (embedding, BatchNorm re-estimation): XLA's
-            return plain(x, w)
+        def f(x, w):  # not differentiated (embedding, BatchNorm re-estimation)
+            return forward(x, w) if WINOGRAD_INFERENCE else plain(x, w)
 
         def fwd(x, w):
             return forward(x, w), (x, w)
@@ -191,14 +191,17 @@ def _native_kernel_grad(x, w, geometry) -> bool:
     return float32 and min(map(min, padding)) >= 0 and native.available()
 
 
-# Both channel counts at least this: Winograd (native.conv3x3) in training on XLA:CPU.
-# Single 3x3 layers (bench/bench_kernel_grad.py): 1.3-1.5x Eigen's direct convolution at
-# 64-256 channels, 0.98-1.18x at 32, where the transforms' memory traffic outweighs the
-# products saved. Training steps, forward and input gradients (bench/bench_torch.py
-# --winograd 0,1, one run): 1.09-1.13x on ResNet34, 1.00-1.02x on the demo preset. Embedding was
-# no faster with it (0.95-1.02x in one run, though seven 64-channel layers in a row ran
-# 1.3x faster), so inference keeps XLA's convolutions.
+# Both channel counts at least this: Winograd (native.conv3x3) on XLA:CPU. Single 3x3
+# layers (bench/bench_kernel_grad.py): 1.3-1.5x Eigen's direct convolution at 64-256
+# channels on an Intel (AVX-512) CPU, 1.2-1.8x on an AMD (AVX2) one; 0.98-1.18x at 32,
+# where the transforms' memory traffic outweighs the products saved. Training steps,
+# forward and input gradients (bench/bench_torch.py --winograd 0,1): 1.09-1.13x on
+# ResNet34, 1.00-1.02x on the demo preset (Intel).
 WINOGRAD_CHANNELS = 64
+# Winograd in inference (embedding) too; False: XLA's convolutions there (benchmarks compare
+# both). Embedding with it against without (bench/bench_torch.py --winograd 0,64, AMD
+# EPYC): 1.05-1.31x on the demo preset and ResNet34 at batches 8 and 32.
+WINOGRAD_INFERENCE = True
 
 
 def _winograd(x, w, geometry) -> bool:

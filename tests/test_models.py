@@ -452,8 +452,9 @@ def test_strided_convs_backward_has_no_dilated_convolution_on_cpu(phased, monkey
 def test_sliced_conv_runs_winograd_where_it_wins(examples, calls, monkeypatch):
     """A 3x3 stride-1 convolution of 64 channels, differentiated on the CPU: Winograd
     (native.conv3x3) in the forward pass and, unless conv_slice is 0 (XLA's gradients), the
-    input gradient; with SQJAX_NATIVE=0 (the last case) XLA's; not differentiated, XLA's.
-    Output and gradients equal the plain convolution's either way."""
+    input gradient; with SQJAX_NATIVE=0 (the last case) XLA's. Not differentiated: Winograd
+    unless models.WINOGRAD_INFERENCE is off. Output and gradients equal the plain
+    convolution's either way."""
     if calls and not native.available():
         pytest.skip("no C++ compiler: sqjax.native is not built (tests/test_native.py)")
     monkeypatch.setenv("SQJAX_NATIVE", "1" if calls else "0")
@@ -470,9 +471,12 @@ def test_sliced_conv_runs_winograd_where_it_wins(examples, calls, monkeypatch):
     got, want = grad(x, w), jax.value_and_grad(loss(plain), argnums=(0, 1))(x, w)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
-    inference = jax.jit(fast)  # not differentiated: XLA's convolution
-    assert native.WINOGRAD_TARGET not in inference.lower(x, w).as_text()
-    np.testing.assert_allclose(inference(x, w), plain(x, w), rtol=1e-5, atol=1e-5)
+    for winograd_inference in (True, False):  # not differentiated: as WINOGRAD_INFERENCE says
+        monkeypatch.setattr(models, "WINOGRAD_INFERENCE", winograd_inference)
+        inference = jax.jit(lambda x, w: fast(x, w))  # a new function: traced again
+        text = inference.lower(x, w).as_text()
+        assert text.count(native.WINOGRAD_TARGET) == (calls > 0 and winograd_inference)
+        np.testing.assert_allclose(inference(x, w), plain(x, w), rtol=1e-4, atol=1e-4)
 
 
 def _kernel_grad_convs(jaxpr, kernel_shape) -> int:
