@@ -50,6 +50,7 @@ SOURCES = tuple(
     pathlib.Path(__file__).with_name("csrc") / f
     for f in ("conv_kernel_grad.cc", "conv3x3_winograd.cc")
 )
+HEADERS = (pathlib.Path(__file__).with_name("csrc") / "vectors.h",)  # included by SOURCES
 TARGET = "sqjax_conv_kernel_grad"
 WINOGRAD_TARGET = "sqjax_conv3x3_winograd"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -82,7 +83,8 @@ def _build(compiler: str) -> pathlib.Path:
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
     headers = sorted((pathlib.Path(include) / "xla" / "ffi" / "api").glob("*.h"))
-    parts = [*(f.read_text() for f in SOURCES), compiler, version, " ".join(FLAGS), _cpu_id()]
+    code = [f.read_text() for f in (*SOURCES, *HEADERS)]
+    parts = [*code, compiler, version, " ".join(FLAGS), _cpu_id()]
     key = hashlib.sha256("\0".join(parts + [h.read_text() for h in headers]).encode())
     name = f"sqjax_native-{key.hexdigest()[:16]}.so"
     for folder in (cache_dir(), pathlib.Path(tempfile.gettempdir()) / "sqjax"):

@@ -19,28 +19,12 @@
 #include <thread>
 #include <vector>
 
+#include "vectors.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-// One vector register of floats, and the register block of Product (tiles x outputs):
-// kRows x 2 vectors, accumulated in 2 * kRows registers (16 of AVX-512's 32, 12 of AVX2's
-// or SSE's 16). Vectors wider than the registers make GCC spill: 64-byte vectors on an
-// AVX2 CPU ran 10-20x slower (bench/bench_kernel_grad.py).
-#if defined(__AVX512F__)
-typedef float vec __attribute__((vector_size(64)));
-constexpr int kRows = 8;
-#elif defined(__AVX__)
-typedef float vec __attribute__((vector_size(32)));
-constexpr int kRows = 6;
-#else
-typedef float vec __attribute__((vector_size(16)));
-constexpr int kRows = 6;
-#endif
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
 
 struct Geometry {
   int64_t n, h, w, c, ho, wo, k, ph, pw, th, tw, block;
