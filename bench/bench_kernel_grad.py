@@ -1,16 +1,17 @@
 """sqjax's convolution kernels on XLA:CPU, per layer: sqjax.native's C++ kernel gradient
 against XLA's lowering, over the whole batch and over slices (``models.sliced_conv``);
 strided convolutions' input gradients by ``models.strided_input_grad`` against XLA's; 3x3
-convolutions by ``native.conv3x3`` (Winograd) against XLA's (Eigen).
+convolutions with a bias, a residual and a ReLU (a residual block's end in inference) by
+``native.conv3x3``'s direct kernel and Winograd against XLA's (Eigen, then a fusion).
 
     python bench/bench_kernel_grad.py
 
 Kernel gradients: 3x3, stride-1 NHWC convolutions of the ResNets' layer shapes (batch,
 frequency, time, channels), the median of warm calls, the three in turn; the native
 kernel's GFLOP/s and its speed-up over the slices. Input gradients: the ResNets' stride-2
-convolutions (input shape, output channels, 3x3 or the 1x1 shortcut). Winograd: 3x3
-stride-1 convolutions of embedding shapes (300 frames), compiled as inference programs,
-with GFLOP/s counted as a direct convolution's. Checks that the variants agree first.
+convolutions (input shape, output channels, 3x3 or the 1x1 shortcut). 3x3 convolutions:
+stride 1, embedding shapes (300 frames), compiled as inference programs, GFLOP/s counted
+as a direct convolution's. Checks that the variants agree first.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sqjax import models, native
 SHAPES = "32x80x200x8,8x80x200x16,32x40x100x16,8x80x200x32,8x40x100x64,8x20x50x128,8x10x25x256"
 DN = ("NHWC", "HWIO", "NHWC")
 PAD = ((1, 1), (1, 1))
-WINOGRAD = "8x80x300x32,8x40x150x64,8x20x75x128,8x10x38x256,32x40x150x32,32x40x150x64,32x20x75x128"
+WINOGRAD = "8x80x300x16,8x40x150x32,8x80x300x32,8x40x150x64,8x20x75x128,8x10x38x256,32x40x150x32,32x40x150x64,32x20x75x128"
 STRIDED = "8x80x200x32:64,32x80x200x32:64,32x40x100x64:128,32x20x50x128:256,32x80x200x8:16"
 
 
@@ -86,29 +87,55 @@ def strided_input_grads(shapes: str, steps: int) -> None:
 
 
 def winograd(shapes: str, steps: int) -> None:
-    print(f"\n{'3x3 conv':>22} {'xla':>7} {'wino':>7} {'GFLOP/s':>7} {'speed-up':>8}")
+    variants = (("direct", 2), ("winograd", 2), ("winograd", 4))
+    print(
+        f"\n{'3x3 conv+bias+res+relu':>22} {'xla':>7} {'direct':>7} {'wino 2':>7} "
+        f"{'wino 4':>7} {'GFLOP/s':>23} {'speed-up':>23}"
+    )
     options = models.inference_compiler_options() or None
     for spec in filter(None, shapes.split(",")):
         n, h, w_, c = (int(d) for d in spec.split("x"))
-        x = jax.random.normal(jax.random.key(1), (n, h, w_, c))
-        w = jax.random.normal(jax.random.key(2), (3, 3, c, c)) / (3 * c**0.5)
-        xla = jax.jit(
-            lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), PAD, dimension_numbers=DN),
-            compiler_options=options,
-        )
-        wino = jax.jit(lambda x, w: native.conv3x3(x, w, PAD), compiler_options=options)
-        want = xla(x, w)
+        kx, kw, kb, kr = jax.random.split(jax.random.key(1), 4)
+        x, r = jax.random.normal(kx, (n, h, w_, c)), jax.random.normal(kr, (n, h, w_, c))
+        w = jax.random.normal(kw, (3, 3, c, c)) / (3 * c**0.5)
+        b = jax.random.normal(kb, (c,))
+
+        def xla(x, w, b, r):
+            y = jax.lax.conv_general_dilated(x, w, (1, 1), PAD, dimension_numbers=DN)
+            return jax.nn.relu(y + b.reshape(1, 1, 1, -1) + r)
+
+        fns = [jax.jit(xla, compiler_options=options)] + [
+            jax.jit(
+                lambda x, w, b, r, m=method, t=tile: native.conv3x3(x, w, PAD, b, r, True, m, t),
+                compiler_options=options,
+            )
+            for method, tile in variants
+        ]
+        want = fns[0](x, w, b, r)
         scale = float(jnp.abs(want).max())
-        np.testing.assert_allclose(wino(x, w), want, rtol=1e-4, atol=1e-5 * scale)
-        ms = _timed((xla, wino), (x, w), steps)
-        gflops = 2 * 9 * c * c * n * h * w_ / ms[1] / 1e6
-        print(f"{spec:>22} {ms[0]:>7.1f} {ms[1]:>7.1f} {gflops:>7.0f} {ms[0] / ms[1]:>7.2f}x")
+        for f in fns[1:]:
+            np.testing.assert_allclose(f(x, w, b, r), want, rtol=1e-4, atol=1e-5 * scale)
+        ms = _timed(fns, (x, w, b, r), steps)
+        gflops = [2 * 9 * c * c * n * h * w_ / t / 1e6 for t in ms[1:]]
+        print(
+            f"{spec:>22} "
+            + " ".join(f"{t:>7.1f}" for t in ms)
+            + " "
+            + " ".join(f"{g:>7.0f}" for g in gflops)
+            + " "
+            + " ".join(f"{ms[0] / t:>6.2f}x" for t in ms[1:]),
+            flush=True,
+        )
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default=SHAPES, help="batch x height x width x channels, ...")
-    p.add_argument("--winograd", default=WINOGRAD, help="3x3 convolutions: NxHxWxC, ...")
+    p.add_argument(
+        "--winograd",
+        default=WINOGRAD,
+        help="3x3 convolutions (+ bias, residual, ReLU): NxHxWxC, ...",
+    )
     p.add_argument("--strided", default=STRIDED, help="stride-2 convolutions: NxHxWxC:out, ...")
     p.add_argument("--steps", type=int, default=7)
     a = p.parse_args()

@@ -22,7 +22,9 @@ pass and the input gradient, of at least N channels: 1 for ``models.WINOGRAD_CHA
 the CPU default, or N; 0: none). Embedding is timed with XLA's default options (a plain
 ``jax.jit``; sqjax's Winograd defaults), then as sqjax compiles it (``evaluate.jitted_embed``, with
 ``models.inference_compiler_options``) once per ``--winograd`` value (in inference too,
-``models.WINOGRAD_INFERENCE``).
+``models.WINOGRAD_INFERENCE``) and ``--fused`` value (1: each convolution with its
+BatchNorm, residual and ReLU as one op, ``models.conv_bn``, the CPU default; 0: Flax's
+layers, ``models.FUSED_INFERENCE``).
 ``--cpu-devices 2`` runs sqjax data parallel over two simulated CPU devices (one per
 core; the batch sharded over them, as ``sqjax --cpu-devices 2 train`` and sharded
 evaluation do); PyTorch keeps its threads.
@@ -167,7 +169,10 @@ def run(a) -> None:
 
     from sqjax import evaluate, models, native
 
-    defaults = models.WINOGRAD_CHANNELS, models.WINOGRAD_INFERENCE
+    defaults = models.WINOGRAD_CHANNELS, models.WINOGRAD_INFERENCE, models.FUSED_INFERENCE
+    default_tile = models.WINOGRAD_TILE
+    a.tile = a.tile or str(default_tile)
+    native_env = os.environ.get("SQJAX_NATIVE")
 
     def winograd_channels(value: str) -> int:  # --winograd: 0 none, 1 the default, else N
         return {"0": 1 << 30, "1": defaults[0]}.get(value) or int(value)
@@ -194,17 +199,19 @@ def run(a) -> None:
             y = rng.integers(0, a.classes, batch)
             theirs_fn = functools.partial(_torch_train, net, opt, torch.from_numpy(x),
                                           torch.from_numpy(y))  # fmt: skip
-            for examples, use_native, phased, winograd in itertools.product(
+            for examples, use_native, phased, winograd, tile in itertools.product(
                 (int(c) for c in a.conv_slice.split(",")),
                 a.native.split(","),
                 a.phased.split(","),
                 a.winograd.split(","),
+                (int(t) for t in a.tile.split(",")),
             ):
                 if use_native == "1" and not examples:
                     continue  # conv_slice 0: XLA's kernel gradients either way
                 os.environ["SQJAX_NATIVE"] = use_native  # read when the step is traced
                 models.PHASED_INPUT_GRADS = phased == "1"  # also
                 models.WINOGRAD_CHANNELS = winograd_channels(winograd)
+                models.WINOGRAD_TILE = tile
                 enc = models.build_encoder(name, conv_slice=examples)
                 ours_fn = _JaxTrain(enc, head, tx, x, y, a.n_frames)
                 ours, theirs = _alternate(ours_fn, theirs_fn, steps=a.steps)
@@ -213,11 +220,16 @@ def run(a) -> None:
                     variant = "native"
                 variant += "" if phased == "1" else ", xla dx"
                 variant += {"0": ", no wino", "1": ""}.get(winograd, f", wino {winograd}")
+                variant += "" if tile == default_tile or winograd == "0" else f", tile {tile}"
                 print(
                     f"{name:>12} {'train':>6} {batch:>5} {variant:>15} {batch / ours:>10.1f} "
                     f"{batch / theirs:>10.1f} {theirs / ours:>6.2f}",
                     flush=True,
                 )
+            if native_env is None:  # as before the training variants
+                os.environ.pop("SQJAX_NATIVE", None)
+            else:
+                os.environ["SQJAX_NATIVE"] = native_env
             xe = rng.normal(size=(batch, a.embed_frames, encoder.n_mels)).astype(np.float32)
             replicated, sharded = _shardings()
             args = (
@@ -226,14 +238,21 @@ def run(a) -> None:
             )
             # a new function each time: jax reuses a function's trace
             apply = lambda enc=encoder: functools.partial(enc.apply, train=False)
-            models.WINOGRAD_CHANNELS, models.WINOGRAD_INFERENCE = defaults
+            models.WINOGRAD_CHANNELS, models.WINOGRAD_INFERENCE, models.FUSED_INFERENCE = defaults
             compiled = {"xla default": jax.jit(apply()).lower(*args).compile()}  # XLA's options
-            for winograd in a.winograd.split(","):  # read when traced
+            for fused, winograd, tile in itertools.product(
+                a.fused.split(","), a.winograd.split(","), (int(t) for t in a.tile.split(","))
+            ):
+                models.FUSED_INFERENCE = fused == "1"  # read when traced
                 models.WINOGRAD_INFERENCE = winograd != "0"
                 models.WINOGRAD_CHANNELS = winograd_channels(winograd)
+                models.WINOGRAD_TILE = tile
                 variant = {"0": "sqjax, no wino", "1": "sqjax"}.get(winograd, f"wino {winograd}")
+                variant += "" if fused == "1" else ", unfused"
+                variant += "" if tile == default_tile or winograd == "0" else f", tile {tile}"
                 compiled[variant] = models.jit_inference(apply()).lower(*args).compile()
-            models.WINOGRAD_CHANNELS, models.WINOGRAD_INFERENCE = defaults
+            models.WINOGRAD_CHANNELS, models.WINOGRAD_INFERENCE, models.FUSED_INFERENCE = defaults
+            models.WINOGRAD_TILE = default_tile
             *ours, theirs = _alternate(
                 *(functools.partial(_jax_embed, c, *args) for c in compiled.values()),
                 functools.partial(_torch_embed, net, torch.from_numpy(xe)),
@@ -288,6 +307,18 @@ def main():
         default="1",
         help="3x3 convolutions by Winograd from 1: models.WINOGRAD_CHANNELS channels (the "
         "default), N: N channels; 0: none",
+    )
+    p.add_argument(
+        "--tile",
+        default=None,
+        help="Winograd's output tiles: 2 (F(2x2, 3x3)), 4 (F(4x4, 3x3)); default: "
+        "models.WINOGRAD_TILE",
+    )
+    p.add_argument(
+        "--fused",
+        default="1",
+        help="embedding: 1: convolution, BatchNorm, residual and ReLU as one op (the CPU "
+        "default); 0: Flax's layers",
     )
     p.add_argument("--cpu-devices", type=int, default=1, help="simulated CPU devices for sqjax")
     a = p.parse_args()

@@ -109,7 +109,7 @@ def sliced_conv(examples: int) -> Callable:
             geometry = _plain_geometry(x, w, window_strides, padding, kw)
             if not _winograd(x, w, geometry):
                 return plain(x, w)
-            fast = lambda x, w: native.conv3x3(x, w, geometry[1])
+            fast = lambda x, w: native.conv3x3(x, w, geometry[1], tile=WINOGRAD_TILE)
             return jax.lax.platform_dependent(x, w, cpu=fast, default=plain)
 
         @jax.custom_vjp
@@ -131,7 +131,7 @@ def sliced_conv(examples: int) -> Callable:
             elif _winograd(x, w, geometry):  # dx: dy convolved with the kernel turned around
                 flipped = lambda w: w[::-1, ::-1].swapaxes(2, 3)
                 pads = tuple((2 - lo, 2 - hi) for lo, hi in geometry[1])
-                fast = lambda dy, w: native.conv3x3(dy, flipped(w), pads)
+                fast = lambda dy, w: native.conv3x3(dy, flipped(w), pads, tile=WINOGRAD_TILE)
                 dx = jax.lax.platform_dependent(dy, w, cpu=fast, default=input_grad)
             else:
                 dx = input_grad(dy, w)
@@ -198,6 +198,13 @@ def _native_kernel_grad(x, w, geometry) -> bool:
 # forward and input gradients (bench/bench_torch.py --winograd 0,1): 1.09-1.13x on
 # ResNet34, 1.00-1.02x on the demo preset (Intel).
 WINOGRAD_CHANNELS = 64
+# Winograd's output tiles: 2, F(2x2, 3x3); 4, F(4x4, 3x3) (36 products per 16 outputs, not
+# 16 per 4; rounding about 1e-5 of the outputs' scale, not 1e-6). Single layers with the
+# inference epilogue (bench/bench_kernel_grad.py, AMD EPYC): 4 ran 1.15-1.33x faster than 2
+# at 64-128 channels, equal at 256 (10 x 38 outputs, where 4x4 tiles overhang). Whole
+# models (bench/bench_torch.py --tile 4,2, ratios to PyTorch compared): embedding 1.03-1.04x
+# on ResNet34, 0.89-1.03x on the demo preset; training 0.96-1.04x (noise).
+WINOGRAD_TILE = 4
 # Winograd in inference (embedding) too; False: XLA's convolutions there (benchmarks compare
 # both). Embedding with it against without (bench/bench_torch.py --winograd 0,64, AMD
 # EPYC): 1.05-1.31x on the demo preset and ResNet34 at batches 8 and 32.
@@ -309,6 +316,91 @@ def jit_inference(fun: Callable, **jit_kwargs: Any) -> Callable:
     return jax.jit(fun, compiler_options=inference_compiler_options() or None, **jit_kwargs)
 
 
+# In inference (train=False, float32, native.available()), the blocks run each convolution
+# with its BatchNorm, the residual and the ReLU as one op (conv_bn): on XLA:CPU the BatchNorm
+# is folded into the kernel and a bias, and 3x3 stride-1 convolutions run sqjax.native's
+# kernels with that epilogue fused (Winograd at WINOGRAD_CHANNELS or more, the direct kernel
+# below), so each activation is written once. False: Flax's layers (benchmarks compare both).
+# Embedding, fused against Flax's layers (bench/bench_torch.py --fused 1,0, AMD EPYC):
+# 1.18-1.24x on the demo preset (batches 8, 32), 1.17x on ResNet34 at batch 8, equal at 32.
+FUSED_INFERENCE = True
+
+
+def _fused(module: nn.Module, train: bool) -> bool:
+    """Whether ``module`` runs its inference forward pass by ``conv_bn``."""
+    return (
+        FUSED_INFERENCE
+        and not train
+        and not module.is_initializing()
+        and jnp.dtype(module.dtype) == jnp.float32
+        and native.available()
+    )
+
+
+def conv_bn(
+    x: jax.Array,
+    kernel: jax.Array,
+    bn: dict[str, jax.Array],
+    stride: int = 1,
+    residual: jax.Array | None = None,
+    relu: bool = True,
+    eps: float = 1e-5,
+) -> jax.Array:
+    """``act(BatchNorm(conv(x, kernel)) + residual)`` in inference: an NHWC/HWIO
+    convolution (3x3 padded by 1, or 1x1) at ``stride``, BatchNorm with the running
+    statistics (``bn``: the layer's ``scale``, ``bias``, ``mean``, ``var``), the residual
+    where given, ReLU if ``relu``. Equal to Flax's ``Conv`` and ``BatchNorm(
+    use_running_average=True)`` to float rounding. On XLA:CPU the BatchNorm is folded into
+    the kernel and a bias, and 3x3 stride-1 convolutions run ``native.conv3x3`` with the
+    bias, residual and ReLU applied as it writes its output; other backends compute the
+    formula as Flax does. Differentiable (by the formula)."""
+    return _conv_bn(kernel.shape[0], stride, relu, eps)(
+        x, kernel, bn["scale"], bn["bias"], bn["mean"], bn["var"], residual
+    )
+
+
+@functools.cache
+def _conv_bn(size: int, stride: int, relu: bool, eps: float) -> Callable:
+    padding = _PAD3 if size == 3 else ((0, 0), (0, 0))
+    channels = lambda v: v.reshape(1, 1, 1, -1)  # (K,) against (..., K): no rank promotion
+
+    def finish(y, shift, residual):
+        y = y + channels(shift) if residual is None else y + channels(shift) + residual
+        return nn.relu(y) if relu else y
+
+    def conv(x, kernel):
+        dn = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(
+            x, kernel, (stride, stride), padding, dimension_numbers=dn
+        )
+
+    def formula(x, kernel, scale, bias, mean, var, residual):  # Flax's order of operations
+        y = (conv(x, kernel) - channels(mean)) * channels(jax.lax.rsqrt(var + eps) * scale)
+        return finish(y, bias, residual)
+
+    def folded(x, kernel, scale, bias, mean, var, residual):
+        mul = jax.lax.rsqrt(var + eps) * scale
+        kernel, shift = kernel * channels(mul), bias - mean * mul
+        if size == 3 and stride == 1:
+            fast = min(kernel.shape[2:]) >= WINOGRAD_CHANNELS
+            method = "winograd" if fast else "direct"
+            return native.conv3x3(x, kernel, padding, shift, residual, relu, method, WINOGRAD_TILE)
+        return finish(conv(x, kernel), shift, residual)
+
+    @jax.custom_vjp
+    def f(*args):
+        return jax.lax.platform_dependent(*args, cpu=folded, default=formula)
+
+    f.defvjp(lambda *args: (f(*args), args), lambda args, g: jax.vjp(formula, *args)[1](g))
+    return f
+
+
+def _conv_bn_of(module: nn.Module, conv: str, bn: str) -> tuple[jax.Array, dict]:
+    """The kernel of ``module``'s layer ``conv`` and the BatchNorm variables of ``bn``."""
+    params, stats = module.variables["params"], module.variables["batch_stats"]
+    return params[conv]["kernel"], {**params[bn], **stats[bn]}
+
+
 class BasicBlock(nn.Module):
     """3x3-BN-ReLU-3x3-BN + shortcut, ReLU. Output channels: ``planes``."""
 
@@ -320,6 +412,10 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if _fused(self, train):
+            short = _fused_shortcut(self, x, self.planes)
+            y = conv_bn(x, *_conv_bn_of(self, "conv1", "bn1"), self.stride)
+            return conv_bn(y, *_conv_bn_of(self, "conv2", "bn2"), residual=short)
         d, c = self.dtype, self.conv_slice
         y = nn.relu(_bn(train, "bn1", d)(_conv(self.planes, 3, self.stride, "conv1", d, c)(x)))
         y = _bn(train, "bn2", d)(_conv(self.planes, 3, 1, "conv2", d, c)(y))
@@ -338,6 +434,11 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         d, c, out = self.dtype, self.conv_slice, self.expansion * self.planes
+        if _fused(self, train):
+            short = _fused_shortcut(self, x, out)
+            y = conv_bn(x, *_conv_bn_of(self, "conv1", "bn1"))
+            y = conv_bn(y, *_conv_bn_of(self, "conv2", "bn2"), self.stride)
+            return conv_bn(y, *_conv_bn_of(self, "conv3", "bn3"), residual=short)
         y = nn.relu(_bn(train, "bn1", d)(_conv(self.planes, 1, 1, "conv1", d, c)(x)))
         y = nn.relu(_bn(train, "bn2", d)(_conv(self.planes, 3, self.stride, "conv2", d, c)(y)))
         y = _bn(train, "bn3", d)(_conv(out, 1, 1, "conv3", d, c)(y))
@@ -355,6 +456,13 @@ def _shortcut(
         return x
     conv = _conv(out, 1, stride, "shortcut_conv", dtype, slice_)
     return _bn(train, "shortcut_bn", dtype)(conv(x))
+
+
+def _fused_shortcut(block: nn.Module, x: jax.Array, out: int) -> jax.Array:
+    """``_shortcut`` by ``conv_bn``: x, or its 1x1 strided convolution and BatchNorm."""
+    if block.stride == 1 and x.shape[-1] == out:
+        return x
+    return conv_bn(x, *_conv_bn_of(block, "shortcut_conv", "shortcut_bn"), block.stride, relu=False)
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -392,10 +500,10 @@ class ResNet(nn.Module):
                 f"ResNet expects (batch, frames, {self.n_mels}) features, "
                 f"got shape {x.shape}; set n_mels to match the features"
             )
-        x = _stem(x, self.width, train, self.dtype, self.conv_slice)
+        x = _stem(self, x, self.width, train, self.dtype, self.conv_slice)
         for name, cls, planes, stride in _block_specs(self):
             x = cls(planes, stride, self.dtype, self.conv_slice, name=name)(x, train)
-        return _head(x, self.embed_dim, self.pool_ddof, self.pool_eps)
+        return _head(self, x, self.embed_dim, self.pool_ddof, self.pool_eps)
 
 
 def _block_specs(encoder: ResNet) -> list[tuple[str, type, int, int]]:
@@ -408,15 +516,21 @@ def _block_specs(encoder: ResNet) -> list[tuple[str, type, int, int]]:
     ]
 
 
-def _stem(x: jax.Array, width: int, train: bool, dtype: Any, slice_: int = 0) -> jax.Array:
-    """(B, T, F) features -> NHWC (B, F, T, 1) -> 3x3 conv + BN + ReLU (in the caller's scope)."""
+def _stem(
+    module: nn.Module, x: jax.Array, width: int, train: bool, dtype: Any, slice_: int = 0
+) -> jax.Array:
+    """(B, T, F) features -> NHWC (B, F, T, 1) -> 3x3 conv + BN + ReLU (in ``module``'s scope)."""
     x = jnp.transpose(x, (0, 2, 1))[..., None].astype(dtype)
+    if _fused(module, train):
+        return conv_bn(x, *_conv_bn_of(module, "stem_conv", "stem_bn"))
     x = _conv(width, 3, 1, "stem_conv", dtype, slice_)(x)
     return nn.relu(_bn(train, "stem_bn", dtype)(x))
 
 
-def _head(x: jax.Array, embed_dim: int, ddof: int = 0, eps: float = POOL_EPS) -> jax.Array:
-    """Temporal statistics pooling and the embedding layer (in the caller's scope)."""
+def _head(
+    module: nn.Module, x: jax.Array, embed_dim: int, ddof: int = 0, eps: float = POOL_EPS
+) -> jax.Array:
+    """Temporal statistics pooling and the embedding layer (in ``module``'s scope)."""
     # (B, F', T', C) -> (B, T', C * F'), channel-major like WeSpeaker's flatten of (C, F').
     b, f, t, c = x.shape
     x = jnp.transpose(x, (0, 2, 3, 1)).reshape(b, t, c * f).astype(jnp.float32)
@@ -432,13 +546,14 @@ def _unwrap(apply: Callable, name: str, variables, x: jax.Array) -> jax.Array:
 
 
 class _Part(nn.Module):
-    """Runs ``fn(x)`` as a module, so the layers ``fn`` creates are this module's own."""
+    """Runs ``fn(module, x)`` as a module, so the layers ``fn`` creates are this module's own."""
 
-    fn: Callable[[jax.Array], jax.Array]
+    fn: Callable[[nn.Module, jax.Array], jax.Array]
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fn(x)
+        return self.fn(self, x)
 
 
 class Segment(NamedTuple):
@@ -460,7 +575,7 @@ def encoder_segments(encoder: "ResNet") -> tuple[Segment, ...]:
         return jit_inference(lambda v, x: module.apply(v, x, *args))
 
     d = encoder.dtype
-    stem = _Part(functools.partial(_stem, width=encoder.width, train=False, dtype=d))
+    stem = _Part(functools.partial(_stem, width=encoder.width, train=False, dtype=d), dtype=d)
     head = _Part(
         functools.partial(
             _head, embed_dim=encoder.embed_dim, ddof=encoder.pool_ddof, eps=encoder.pool_eps

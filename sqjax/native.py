@@ -1,5 +1,6 @@
 """sqjax's native XLA:CPU kernels: convolution kernel gradients
-(``csrc/conv_kernel_grad.cc``) and 3x3 convolutions by Winograd (``csrc/conv3x3_winograd.cc``).
+(``csrc/conv_kernel_grad.cc``) and 3x3 convolutions, by Winograd
+(``csrc/conv3x3_winograd.cc``) or directly (``csrc/conv3x3_direct.cc``).
 
 XLA:CPU computes a convolution's kernel gradient as another convolution whose operands it
 first transposes to channel-major layouts; on the ResNets here those transposes and that
@@ -10,10 +11,15 @@ register-blocked, split over XLA's intra-op threads): 1.9-4.3x faster per layer 
 than XLA's kernel gradient over the whole batch (``bench/bench_kernel_grad.py``, 2-core
 CPU, over runs of a noisy machine).
 
-``conv3x3`` computes 3x3 stride-1 convolutions by Winograd's F(2x2, 3x3) (16 products per
-2x2 outputs and channel pair, not 36), in blocks of tiles that stay in L2: 1.2-1.5x
-Eigen's direct convolution per layer at 64-256 channels, about equal at 16-32
-(``bench/bench_kernel_grad.py``). ``models.sliced_conv`` uses it at 64 channels and more.
+``conv3x3`` computes 3x3 stride-1 convolutions by Winograd's F(2x2, 3x3) or F(4x4, 3x3)
+(16 products per 2x2 outputs and channel pair, or 36 per 4x4, not 36 or 144), in blocks
+of tiles that stay in L2: 1.2-1.7x Eigen's direct convolution per layer at 64-256
+channels, slower at 16-32 (``bench/bench_kernel_grad.py``); or by a direct kernel (the
+9 x C products of a block of outputs in registers), 1.0-1.5x Eigen at 16-32 channels.
+Both add a bias and a residual and apply a ReLU as they write the output: in inference
+``models.conv_bn`` folds each BatchNorm into its convolution and runs the block's end
+with them in one pass over the activations. ``models.sliced_conv`` uses Winograd at 64
+channels and more in training too (forward and input gradient).
 
 It is compiled on first use with the C++ compiler on the path (``$CXX``, else ``g++``)
 against the XLA FFI headers that jaxlib ships, and cached in ``$SQJAX_CACHE_DIR`` (default
@@ -48,11 +54,12 @@ log = logging.getLogger("sqjax")
 
 SOURCES = tuple(
     pathlib.Path(__file__).with_name("csrc") / f
-    for f in ("conv_kernel_grad.cc", "conv3x3_winograd.cc")
+    for f in ("conv_kernel_grad.cc", "conv3x3_winograd.cc", "conv3x3_direct.cc")
 )
 HEADERS = (pathlib.Path(__file__).with_name("csrc") / "vectors.h",)  # included by SOURCES
 TARGET = "sqjax_conv_kernel_grad"
 WINOGRAD_TARGET = "sqjax_conv3x3_winograd"
+DIRECT_TARGET = "sqjax_conv3x3_direct"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -134,7 +141,8 @@ def _load() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
         for target, symbol in ((TARGET, lib.SqjaxConvKernelGrad),
-                               (WINOGRAD_TARGET, lib.SqjaxConv3x3Winograd)):  # fmt: skip
+                               (WINOGRAD_TARGET, lib.SqjaxConv3x3Winograd),
+                               (DIRECT_TARGET, lib.SqjaxConv3x3Direct)):  # fmt: skip
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         log.warning("sqjax: native kernel unavailable, XLA computes kernel gradients: %s", e)
@@ -200,51 +208,84 @@ def _vmappable(f):
     return jax.custom_batching.sequential_vmap(f)
 
 
-# Winograd's F(2x2, 3x3) kernel transform: u = G g G^T for each channel pair.
+# Winograd's kernel transforms u = G g G^T for each channel pair: F(2x2, 3x3) and (Lavin &
+# Gray's) F(4x4, 3x3).
 _G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
+_G4 = np.array(
+    [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+     [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+    np.float64,
+)  # fmt: skip
 _GG = np.kron(_G, _G)  # [a * 4 + b, i * 3 + j] = G[a, i] * G[b, j]
+_GG4 = np.kron(_G4, _G4).astype(np.float32)
 
 
 def conv3x3(
-    x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]
+    x: jax.Array,
+    kernel: jax.Array,
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    bias: jax.Array | None = None,
+    residual: jax.Array | None = None,
+    relu: bool = False,
+    method: str = "winograd",
+    tile: int = 2,
 ) -> jax.Array:
-    """The float32 NHWC convolution of ``x`` with a 3x3 HWIO ``kernel`` at stride 1,
-    ``padding`` (low, high) per spatial axis, by Winograd's F(2x2, 3x3): 16 products per
-    2x2 outputs and channel pair instead of 36; equal to ``lax.conv_general_dilated`` to
-    float rounding (about 1e-6 of the outputs' scale). XLA:CPU only (needs
-    ``available()``); the kernel is transformed here, so it may be traced. A batch sharded
-    over devices stays sharded (each device convolves its shard)."""
-    # (G x G) @ kernel as (9, C*K): one product, no transposes (an einsum made XLA copy
-    # the kernel twice, 12% of ResNet34's embedding time)
-    u = (jnp.asarray(_GG) @ kernel.reshape(9, -1)).reshape(16, *kernel.shape[2:])
-    return _winograd(tuple(map(tuple, padding)))(x, u)
+    """``act(conv(x, kernel) + bias + residual)``: the float32 NHWC convolution of ``x``
+    with a 3x3 HWIO ``kernel`` at stride 1, ``padding`` (low, high) per spatial axis, plus
+    ``bias`` (per output channel) and ``residual`` (shaped like the output) where given,
+    through a ReLU if ``relu``; the epilogue is applied as the output is written. Equal to
+    ``lax.conv_general_dilated`` (and the additions) to float rounding. XLA:CPU only (needs
+    ``available()``); the kernel may be traced. A batch sharded over devices stays sharded
+    (each device convolves its shard).
+
+    ``method``: "winograd", Winograd's F(``tile`` x ``tile``, 3x3) for wide layers: at
+    ``tile`` 2, 16 products per 2x2 outputs and channel pair instead of 36, about 1e-6 of
+    the outputs' scale off the direct sum; at 4, 36 per 4x4 instead of 144, about 1e-5.
+    "direct": the 9 x C products per output in registers, for narrow layers."""
+    if method not in ("winograd", "direct"):
+        raise ValueError(f"conv3x3 method={method!r}; expected 'winograd' or 'direct'")
+    if tile not in (2, 4):
+        raise ValueError(f"conv3x3 tile={tile!r}; expected 2 or 4 (Winograd's F(2x2) or F(4x4))")
+    k = kernel.shape[-1]
+    bias = jnp.zeros((k,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    if method == "winograd":
+        # (G x G) @ kernel as (9, C*K): one product, no transposes (an einsum made XLA copy
+        # the kernel twice, 12% of ResNet34's embedding time)
+        gg = _GG if tile == 2 else _GG4
+        kernel = (jnp.asarray(gg) @ kernel.reshape(9, -1)).reshape(len(gg), *kernel.shape[2:])
+    call = _conv3x3(method, tuple(map(tuple, padding)), bool(relu), residual is not None)
+    return call(x, kernel, bias) if residual is None else call(x, kernel, bias, residual)
 
 
 @functools.cache
-def _winograd(padding):
+def _conv3x3(method, padding, relu, has_residual):
     (ph, ph_hi), (pw, pw_hi) = padding
+    target = WINOGRAD_TARGET if method == "winograd" else DIRECT_TARGET
 
-    def call(x, u):
+    def call(x, kernel, bias, *residual):
         n, h, w, _ = x.shape
-        out = jax.ShapeDtypeStruct((n, h + ph + ph_hi - 2, w + pw + pw_hi - 2, u.shape[2]), x.dtype)
-        return jax.ffi.ffi_call(WINOGRAD_TARGET, out, vmap_method="sequential")(
-            x, u, pad_h=np.int64(ph), pad_w=np.int64(pw)
-        )
+        shape = (n, h + ph + ph_hi - 2, w + pw + pw_hi - 2, kernel.shape[-1])
+        res = residual[0] if residual else jnp.zeros((0,), jnp.float32)
+        return jax.ffi.ffi_call(
+            target, jax.ShapeDtypeStruct(shape, x.dtype), vmap_method="sequential"
+        )(x, kernel, bias, res, pad_h=np.int64(ph), pad_w=np.int64(pw), relu=relu)
 
-    def partition(mesh, arg_shapes, result_shape):
-        spec = arg_shapes[0].sharding.spec
-        batch = NamedSharding(mesh, P(spec[0] if len(spec) else None))
-        return mesh, call, batch, (batch, NamedSharding(mesh, P()))
-
-    def infer(mesh, arg_shapes, result_shape):
+    def batch_of(mesh, arg_shapes, result_shape=None):
         spec = arg_shapes[0].sharding.spec
         return NamedSharding(mesh, P(spec[0] if len(spec) else None))
 
+    def partition(mesh, arg_shapes, result_shape):
+        batch, replicated = batch_of(mesh, arg_shapes), NamedSharding(mesh, P())
+        return mesh, call, batch, (batch, replicated, replicated, batch)[: len(arg_shapes)]
+
+    weights = "e c k" if method == "winograd" else "kh kw c k"
+    rule = f"b h w c, {weights}, k" + (", b i j k" if has_residual else "") + " -> b i j k"
     f = custom_partitioning(call)
+    factors = rule.replace(",", " ").replace("->", " ").split()
     f.def_partition(
         partition,
-        infer_sharding_from_operands=infer,
-        sharding_rule="b h w c, e c k -> b i j k",
-        need_replication_factors=("h", "w", "c", "e", "k", "i", "j"),
+        infer_sharding_from_operands=batch_of,
+        sharding_rule=rule,
+        need_replication_factors=tuple(d for d in dict.fromkeys(factors) if d != "b"),
     )
     return _vmappable(f)

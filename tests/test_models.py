@@ -365,6 +365,55 @@ def test_segments_chained_equal_the_whole_encoder(block):
     np.testing.assert_allclose(h, enc.apply(v, x), rtol=1e-5, atol=1e-6)
 
 
+def _random_batchnorm(variables, key):
+    """BatchNorm scales, biases, means and variances drawn away from their init (1, 0, 0, 1)."""
+    paths, tree = jax.tree_util.tree_flatten_with_path(variables)
+    leaves = []
+    for i, (path, leaf) in enumerate(paths):
+        name, k = path[-1].key, jax.random.fold_in(key, i)
+        if name in ("scale", "var"):
+            leaf = jax.random.uniform(k, leaf.shape, minval=0.5, maxval=2.0)
+        elif name in ("mean", "bias"):
+            leaf = 0.3 * jax.random.normal(k, leaf.shape)
+        leaves.append(leaf)
+    return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+@pytest.mark.parametrize(
+    "block, width, direct, winograd",
+    [("basic", 16, 4, 2), ("bottleneck", 16, 2, 0)],  # 3x3 stride-1 convs of < / >= 64 ch
+)
+def test_fused_inference_equals_flax_layers(block, width, direct, winograd, monkeypatch):
+    """models.conv_bn (BatchNorm folded, the epilogue in sqjax.native's kernels) against
+    Flax's Conv and BatchNorm layers (FUSED_INFERENCE off): embeddings, the segments, and
+    gradients taken through inference; training mode keeps Flax's layers."""
+    if not native.available():
+        pytest.skip("no C++ compiler: sqjax.native is not built (tests/test_native.py)")
+    enc = ResNet(stage_sizes=(1, 1, 1, 1), block=block, width=width, embed_dim=8, n_mels=16)
+    x = jax.random.normal(jax.random.key(1), (2, 24, 16))
+    v = _random_batchnorm(enc.init(jax.random.key(0), x), jax.random.key(2))
+    monkeypatch.setattr(models, "FUSED_INFERENCE", False)
+    loss = lambda v, x: jnp.sum(jnp.sin(enc.apply(v, x)))
+    want, want_grad = jax.value_and_grad(loss)(v, x)
+    plain = jax.jit(lambda v, x: enc.apply(v, x))(v, x)
+    monkeypatch.setattr(models, "FUSED_INFERENCE", True)
+    fused = jax.jit(lambda v, x: enc.apply(v, x))  # new functions: traced again
+    text = fused.lower(v, x).as_text()
+    calls = text.count(native.DIRECT_TARGET), text.count(native.WINOGRAD_TARGET)
+    assert calls == (direct, winograd)
+    np.testing.assert_allclose(fused(v, x), plain, rtol=1e-4, atol=1e-5)
+    got, got_grad = jax.jit(jax.value_and_grad(lambda v, x: loss(v, x)))(v, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+    h = x
+    for s in encoder_segments(enc):
+        h = s.apply({c: {k: t[k] for k in s.keys if k in t} for c, t in v.items()}, h)
+    np.testing.assert_allclose(h, plain, rtol=1e-4, atol=1e-5)
+    train_mode = jax.jit(lambda v, x: enc.apply(v, x, train=True, mutable="batch_stats"))
+    assert native.DIRECT_TARGET not in train_mode.lower(v, x).as_text()
+
+
 # --- kernel gradients over batch slices (models.sliced_conv) --------------------------------
 
 

@@ -1,5 +1,5 @@
-"""sqjax.native: the C++ kernel gradient and Winograd convolution of NHWC convolutions,
-against XLA's own."""
+"""sqjax.native: the C++ kernel gradient and the 3x3 convolutions (Winograd, direct, with
+their fused bias, residual and ReLU) of NHWC convolutions, against XLA's own."""
 
 import ctypes
 import os
@@ -62,44 +62,71 @@ def _xla_conv(x, w, padding):
     )
 
 
+def _epilogue(y, bias, residual, relu):
+    y = y + bias.reshape(1, 1, 1, -1) + (0 if residual is None else residual)
+    return jnp.maximum(y, 0) if relu else y
+
+
 @needs_native
+@pytest.mark.parametrize("method,tile", [("winograd", 2), ("winograd", 4), ("direct", 2)])
 @pytest.mark.parametrize(
-    "x_shape,out,padding",
+    "x_shape,out,padding,residual,relu",
     [
-        ((2, 9, 11, 64), 64, ((1, 1), (1, 1))),  # odd sizes: the last tiles half outside
-        ((3, 8, 8, 5), 70, ((0, 2), (2, 0))),  # asymmetric pads, channel tails
-        ((1, 5, 6, 17), 9, ((0, 0), (0, 0))),  # "VALID": 3 x 4 outputs
-        ((2, 1, 7, 3), 33, ((1, 1), (2, 2))),  # one input row
-        ((4, 20, 30, 64), 128, ((1, 1), (1, 1))),  # several blocks, two threads
+        ((2, 9, 11, 64), 64, ((1, 1), (1, 1)), False, False),  # odd sizes: tiles half outside
+        ((3, 8, 8, 5), 70, ((0, 2), (2, 0)), True, True),  # asymmetric pads, channel tails
+        ((1, 5, 6, 17), 9, ((0, 0), (0, 0)), False, True),  # "VALID": 3 x 4 outputs
+        ((2, 1, 7, 3), 33, ((1, 1), (2, 2)), True, False),  # one input row
+        ((2, 9, 11, 1), 16, ((1, 1), (1, 1)), False, True),  # the stem: one input channel
+        ((4, 20, 30, 64), 128, ((1, 1), (1, 1)), True, True),  # several blocks, two threads
+        ((4, 20, 30, 16), 32, ((1, 1), (1, 1)), True, True),
     ],
 )
-def test_winograd_conv3x3_equals_xla(x_shape, out, padding):
-    kx, kw = jax.random.split(jax.random.key(0))
+def test_conv3x3_equals_xla(method, tile, x_shape, out, padding, residual, relu):
+    """act(conv + bias + residual): the epilogue's parts each change the output."""
+    kx, kw, kb, kr = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(kx, x_shape)
     w = jax.random.normal(kw, (3, 3, x_shape[-1], out))
-    expected = _xla_conv(x, w, padding)
-    got = jax.jit(native.conv3x3, static_argnums=2)(x, w, padding)
+    bias = jax.random.normal(kb, (out,)) * 3
+    y = _xla_conv(x, w, padding)
+    res = jax.random.normal(kr, y.shape) * 3 if residual else None
+    expected = _epilogue(y, bias, res, relu)
+    conv = jax.jit(native.conv3x3, static_argnums=(2, 5, 6, 7))
+    got = conv(x, w, padding, bias, res, relu, method, tile)
     assert got.shape == expected.shape and got.dtype == jnp.float32
-    # F(2x2, 3x3) rounds differently: about 1e-6 of the outputs' scale
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * float(jnp.abs(expected).max()))
+    # Winograd rounds differently: about 1e-6 (F(2x2)) or 1e-5 (F(4x4)) of the outputs' scale
+    atol = (1e-5 if tile == 2 else 5e-5) * float(jnp.abs(expected).max())
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=atol)
+    if not (residual or relu):  # the bias defaults to none
+        plain = conv(x, w, padding, None, None, False, method, tile)
+        np.testing.assert_allclose(plain, y, rtol=1e-4, atol=atol)
+
+
+def test_conv3x3_names_a_wrong_method_or_tile():
+    x, w = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2))
+    with pytest.raises(ValueError, match="method='fft'"):
+        native.conv3x3(x, w, ((1, 1), (1, 1)), method="fft")
+    with pytest.raises(ValueError, match="tile=3"):
+        native.conv3x3(x, w, ((1, 1), (1, 1)), tile=3)
 
 
 @needs_native
-def test_winograd_on_a_sharded_batch_and_under_vmap():
-    """Two CPU devices (conftest.py): each convolves its half of the batch, no gathering.
-    Vmapped over stacked kernels (evaluate's "vmap" strategy), one call per kernel; the
-    kernel gradient too."""
+@pytest.mark.parametrize("method", ["winograd", "direct"])
+def test_conv3x3_on_a_sharded_batch_and_under_vmap(method):
+    """Two CPU devices (conftest.py): each convolves its half of the batch (and of the
+    residual), no gathering. Vmapped over stacked kernels (evaluate's "vmap" strategy), one
+    call per kernel; the kernel gradient too."""
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     kx, kw = jax.random.split(jax.random.key(2))
     x = jax.random.normal(kx, (4, 6, 10, 8))
     w = jax.random.normal(kw, (2, 3, 3, 8, 16))
     pads = ((1, 1), (1, 1))
-    conv = jax.jit(lambda x, w: native.conv3x3(x, w, pads))
-    sharded = jax.device_put(x, batch)
-    assert "all-gather" not in conv.lower(sharded, w[0]).compile().as_text()
-    np.testing.assert_allclose(conv(sharded, w[0]), _xla_conv(x, w[0], pads), rtol=1e-4, atol=1e-4)
-    stacked = jax.jit(jax.vmap(lambda w: native.conv3x3(x, w, pads)))(w)
+    conv = jax.jit(lambda x, w, r: native.conv3x3(x, w, pads, None, r, True, method))
+    sharded, res = jax.device_put(x, batch), jax.device_put(jnp.concatenate([x, x], -1), batch)
+    assert "all-gather" not in conv.lower(sharded, w[0], res).compile().as_text()
+    want = jnp.maximum(_xla_conv(x, w[0], pads) + res, 0)
+    np.testing.assert_allclose(conv(sharded, w[0], res), want, rtol=1e-4, atol=1e-4)
+    stacked = jax.jit(jax.vmap(lambda w: native.conv3x3(x, w, pads, method=method)))(w)
     expected = jax.vmap(lambda w: _xla_conv(x, w, pads))(w)
     np.testing.assert_allclose(stacked, expected, rtol=1e-4, atol=1e-4)
     y = expected  # and the kernel gradient, vmapped over stacked output gradients
@@ -140,8 +167,10 @@ def test_every_vector_width_computes_the_same(isa, tmp_path):
     subprocess.run([*cmd, *map(str, native.SOURCES), "-o", str(lib_path)], check=True)
     lib = ctypes.cdll.LoadLibrary(str(lib_path))
     grad_target, conv_target = f"sqjax_test_{isa}_grad", f"sqjax_test_{isa}_conv"
+    direct_target = f"sqjax_test_{isa}_direct"
     for target, symbol in ((grad_target, lib.SqjaxConvKernelGrad),
-                           (conv_target, lib.SqjaxConv3x3Winograd)):  # fmt: skip
+                           (conv_target, lib.SqjaxConv3x3Winograd),
+                           (direct_target, lib.SqjaxConv3x3Direct)):  # fmt: skip
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     # 13 channels: blocks of 6 or 8 and a tail; 45 outputs: 32 + 8 + 4 + 1 or 16 + 16 + ...
     kx, kw, kd = jax.random.split(jax.random.key(3), 3)
@@ -156,11 +185,15 @@ def test_every_vector_width_computes_the_same(isa, tmp_path):
     )
     want = pullback(dy)[0]
     np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
-    u = (native._GG @ w.reshape(9, -1)).reshape(16, 13, 45)  # G g G^T, as native.conv3x3
-    conv = jax.ffi.ffi_call(conv_target, jax.ShapeDtypeStruct(y.shape, jnp.float32))(
-        x, u, pad_h=one, pad_w=one
-    )
-    np.testing.assert_allclose(conv, y, rtol=1e-4, atol=1e-5 * float(jnp.abs(y).max()))
+    # G g G^T, as native.conv3x3 computes it, for F(2x2) and F(4x4)
+    u2, u4 = ((gg @ w.reshape(9, -1)).reshape(len(gg), 13, 45) for gg in (native._GG, native._GG4))
+    bias, res = jnp.linspace(-2, 2, 45), dy  # the epilogue: + bias + residual, ReLU
+    want = jnp.maximum(y + bias.reshape(1, 1, 1, -1) + res, 0)
+    for target, weights in ((conv_target, u2), (conv_target, u4), (direct_target, w)):
+        conv = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(y.shape, jnp.float32))(
+            x, weights, bias, res, pad_h=one, pad_w=one, relu=True
+        )
+        np.testing.assert_allclose(conv, want, rtol=1e-4, atol=5e-5 * float(jnp.abs(y).max()))
 
 
 def test_off_with_the_environment_variable(monkeypatch):

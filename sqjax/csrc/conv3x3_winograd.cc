@@ -1,16 +1,20 @@
-// 3x3 stride-1 NHWC convolution (the forward pass) for XLA:CPU by Winograd's F(2x2, 3x3),
-// as an XLA FFI custom call (built and registered by sqjax/native.py).
+// 3x3 stride-1 NHWC convolution (the forward pass) for XLA:CPU by Winograd's F(2x2, 3x3) or
+// F(4x4, 3x3), as an XLA FFI custom call (built and registered by sqjax/native.py).
 //
 //   y[n, h, w, k] = sum over i, j, c of x[n, h + i - ph, w + j - pw, c] * kernel[i, j, c, k]
 //
 // (x outside its bounds is zero; the high pads are implied by y's shape).
 //
-// Each 2x2 block of outputs (a tile) is computed from the 4x4 input patch around it as
-// A^T [(G g G^T) . (B^T d B)] A: 16 products per channel pair instead of 36. The operand
-// ``u`` is the kernel already transformed (G g G^T, 16 x C x K, computed by the caller).
-// Tiles are taken in blocks along a row, small enough to stay in L2: their transformed
-// inputs (16 x tiles x C), 16 matrix products with u (register-blocked), and the output
-// transform, written straight to y. Blocks are split over XLA's intra-op threads.
+// Each M x M block of outputs (a tile; M = 2 or 4) is computed from the (M + 2)^2 input
+// patch around it as A^T [(G g G^T) . (B^T d B)] A: 16 products per channel pair for 4
+// outputs instead of 36 (M = 2), 36 for 16 outputs instead of 144 (M = 4; Lavin & Gray's
+// matrices, with rounding errors about 10x F(2x2)'s). The operand ``u`` is the kernel
+// already transformed (G g G^T, E x C x K with E = (M + 2)^2 positions, computed by the
+// caller; E gives M). Tiles are taken in blocks along a row, small enough to stay in L2:
+// their transformed inputs (E x tiles x C), E matrix products with u (register-blocked),
+// and the output transform, written straight to y. Blocks are split over XLA's intra-op threads. An
+// epilogue (inference, with BatchNorm folded into the kernel) is applied as y is written:
+// y = act(conv + bias[k] + residual) with act ReLU or none and the residual optional.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -28,45 +32,78 @@ namespace {
 
 struct Geometry {
   int64_t n, h, w, c, ho, wo, k, ph, pw, th, tw, block;
+  bool relu;
 };
+
+// B^T d (M = 2: 4 x 4 B^T; M = 4: 6 x 6) of one column d of an input patch, at stride 1.
+template <int M>
+inline void InputRows(const float* d, float* m) {
+  if constexpr (M == 2) {
+    m[0] = d[0] - d[2];
+    m[1] = d[1] + d[2];
+    m[2] = d[2] - d[1];
+    m[3] = d[1] - d[3];
+  } else {
+    m[0] = 4 * d[0] - 5 * d[2] + d[4];
+    m[1] = d[3] + d[4] - 4 * (d[1] + d[2]);
+    m[2] = d[4] - d[3] + 4 * (d[1] - d[2]);
+    m[3] = d[4] - d[2] + 2 * (d[3] - d[1]);
+    m[4] = d[4] - d[2] + 2 * (d[1] - d[3]);
+    m[5] = 4 * d[1] - 5 * d[3] + d[5];
+  }
+}
+
+// A^T m (M x (M + 2)) of one column m of the products.
+template <int M>
+inline void OutputRows(const float* m, float* o) {
+  if constexpr (M == 2) {
+    o[0] = m[0] + m[1] + m[2];
+    o[1] = m[1] - m[2] - m[3];
+  } else {
+    const float a = m[1] + m[2], b = m[1] - m[2], c = m[3] + m[4], d = m[3] - m[4];
+    o[0] = m[0] + a + c;
+    o[1] = b + 2 * d;
+    o[2] = a + 4 * c;
+    o[3] = b + 8 * d + m[5];
+  }
+}
 
 // Floats between the 16 positions' rows of tiles x channels: 64 bytes more than the rows
 // hold, so that 16 streams at a multiple of 4 KB apart (e.g. 16 tiles x 64 channels) do not
 // fall into the same cache sets (that ran 64 channels 2-3x slower).
 inline int64_t Lead(int64_t tiles, int64_t channels) { return tiles * channels + 16; }
 
-// The 16 transformed inputs B^T d B of tiles [t0, t0 + tiles) (tile t: example
+// The E transformed inputs B^T d B of tiles [t0, t0 + tiles) (tile t: example
 // t / (th * tw), tile row t / tw % th, column t % tw): v[e][t][c], t counted from t0.
+template <int M>
 void InputTransform(const Geometry& g, const float* __restrict x, const float* zeros,
                     int64_t t0, int64_t tiles, float* __restrict v) {
+  constexpr int A = M + 2;
   const int64_t stride = Lead(tiles, g.c);
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t n = (t0 + t) / (g.th * g.tw), ti = (t0 + t) / g.tw % g.th, tj = (t0 + t) % g.tw;
-    const float* p[4][4];
-    for (int r = 0; r < 4; ++r) {
-      const int64_t ih = 2 * ti + r - g.ph;
-      for (int s = 0; s < 4; ++s) {
-        const int64_t iw = 2 * tj + s - g.pw;
+    const float* p[A][A];
+    for (int r = 0; r < A; ++r) {
+      const int64_t ih = M * ti + r - g.ph;
+      for (int s = 0; s < A; ++s) {
+        const int64_t iw = M * tj + s - g.pw;
         const bool in = ih >= 0 && ih < g.h && iw >= 0 && iw < g.w;
         p[r][s] = in ? x + ((n * g.h + ih) * g.w + iw) * g.c : zeros;
       }
     }
     float* out = v + t * g.c;
     for (int64_t c = 0; c < g.c; ++c) {
-      float d[4][4], m[4][4];
-      for (int r = 0; r < 4; ++r)
-        for (int s = 0; s < 4; ++s) d[r][s] = p[r][s][c];
-      for (int s = 0; s < 4; ++s) {  // B^T d
-        m[0][s] = d[0][s] - d[2][s];
-        m[1][s] = d[1][s] + d[2][s];
-        m[2][s] = d[2][s] - d[1][s];
-        m[3][s] = d[1][s] - d[3][s];
+      float d[A][A], m[A][A], col[A], row[A];
+      for (int r = 0; r < A; ++r)
+        for (int s = 0; s < A; ++s) d[r][s] = p[r][s][c];
+      for (int s = 0; s < A; ++s) {  // B^T d, column by column
+        for (int r = 0; r < A; ++r) col[r] = d[r][s];
+        InputRows<M>(col, row);
+        for (int r = 0; r < A; ++r) m[r][s] = row[r];
       }
-      for (int r = 0; r < 4; ++r) {  // (B^T d) B
-        out[(4 * r + 0) * stride + c] = m[r][0] - m[r][2];
-        out[(4 * r + 1) * stride + c] = m[r][1] + m[r][2];
-        out[(4 * r + 2) * stride + c] = m[r][2] - m[r][1];
-        out[(4 * r + 3) * stride + c] = m[r][1] - m[r][3];
+      for (int r = 0; r < A; ++r) {  // (B^T d) B, row by row
+        InputRows<M>(m[r], row);
+        for (int s = 0; s < A; ++s) out[(A * r + s) * stride + c] = row[s];
       }
     }
   }
@@ -115,9 +152,10 @@ void Tail(int64_t n, int64_t c_n, int64_t k_n, const float* v, const float* u, f
   }
 }
 
-// prod[e] = v[e] @ u[e] for the 16 transformed positions e, kRows tiles at a time.
-void Products(const Geometry& g, int64_t tiles, const float* v, const float* u, float* prod) {
-  for (int e = 0; e < 16; ++e) {
+// prod[e] = v[e] @ u[e] for the E transformed positions e, kRows tiles at a time.
+void Products(const Geometry& g, int E, int64_t tiles, const float* v, const float* u,
+              float* prod) {
+  for (int e = 0; e < E; ++e) {
     const float* ve = v + e * Lead(tiles, g.c);
     const float* ue = u + e * g.c * g.k;
     float* pe = prod + e * Lead(tiles, g.k);
@@ -128,31 +166,36 @@ void Products(const Geometry& g, int64_t tiles, const float* v, const float* u, 
   }
 }
 
-// y's 2x2 blocks A^T m A of the tiles, where they lie inside y.
-void OutputTransform(const Geometry& g, const float* __restrict prod, int64_t t0,
-                     int64_t tiles, float* __restrict y) {
+// y's M x M blocks A^T m A of the tiles, where they lie inside y, plus the bias and the
+// residual (if any), through the ReLU (if relu).
+template <int M>
+void OutputTransform(const Geometry& g, const float* __restrict prod, const float* __restrict bias,
+                     const float* __restrict res, int64_t t0, int64_t tiles,
+                     float* __restrict y) {
+  constexpr int A = M + 2;
   const int64_t stride = Lead(tiles, g.k);
   for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t n = (t0 + t) / (g.th * g.tw), oh = 2 * ((t0 + t) / g.tw % g.th);
-    const int64_t ow = 2 * ((t0 + t) % g.tw);
-    const bool down = oh + 1 < g.ho, right = ow + 1 < g.wo;
-    float* y00 = y + ((n * g.ho + oh) * g.wo + ow) * g.k;
-    float* y10 = y00 + g.wo * g.k;
+    const int64_t n = (t0 + t) / (g.th * g.tw), oh = M * ((t0 + t) / g.tw % g.th);
+    const int64_t ow = M * ((t0 + t) % g.tw);
+    const int rows = static_cast<int>(std::min<int64_t>(M, g.ho - oh));
+    const int cols = static_cast<int>(std::min<int64_t>(M, g.wo - ow));
+    const int64_t at = ((n * g.ho + oh) * g.wo + ow) * g.k;
     const float* m = prod + t * g.k;
     for (int64_t k = 0; k < g.k; ++k) {
-      float s[2][4];
-      for (int q = 0; q < 4; ++q) {  // A^T m
-        const float m0 = m[(0 + q) * stride + k], m1 = m[(4 + q) * stride + k];
-        const float m2 = m[(8 + q) * stride + k], m3 = m[(12 + q) * stride + k];
-        s[0][q] = m0 + m1 + m2;
-        s[1][q] = m1 - m2 - m3;
+      float s[M][A], col[A], o[M][M];
+      for (int q = 0; q < A; ++q) {  // A^T m, column by column
+        for (int r = 0; r < A; ++r) col[r] = m[(A * r + q) * stride + k];
+        float out[M];
+        OutputRows<M>(col, out);
+        for (int r = 0; r < M; ++r) s[r][q] = out[r];
       }
-      y00[k] = s[0][0] + s[0][1] + s[0][2];
-      if (right) y00[g.k + k] = s[0][1] - s[0][2] - s[0][3];
-      if (down) {
-        y10[k] = s[1][0] + s[1][1] + s[1][2];
-        if (right) y10[g.k + k] = s[1][1] - s[1][2] - s[1][3];
-      }
+      for (int r = 0; r < M; ++r) OutputRows<M>(s[r], o[r]);  // (A^T m) A
+      for (int r = 0; r < rows; ++r)
+        for (int q = 0; q < cols; ++q) {
+          const int64_t i = at + (r * g.wo + q) * g.k + k;
+          float v = o[r][q] + bias[k] + (res ? res[i] : 0.0f);
+          y[i] = g.relu ? std::max(v, 0.0f) : v;
+        }
     }
   }
 }
@@ -164,35 +207,49 @@ struct Job {
 };
 
 ffi::Error Winograd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
-                    ffi::ResultBuffer<ffi::F32> y, int64_t ph, int64_t pw) {
+                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual,
+                    ffi::ResultBuffer<ffi::F32> y, int64_t ph, int64_t pw, bool relu) {
   const auto xd = x.dimensions(), ud = u.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || ud.size() != 3 || yd.size() != 4 || ud[0] != 16 || ud[1] != xd[3] ||
-      yd[3] != ud[2] || yd[0] != xd[0] || ph < 0 || pw < 0)
+  const bool has_res = residual.element_count() != 0;
+  if (xd.size() != 4 || ud.size() != 3 || yd.size() != 4 || (ud[0] != 16 && ud[0] != 36) ||
+      ud[1] != xd[3] || yd[3] != ud[2] || yd[0] != xd[0] ||
+      bias.element_count() != static_cast<size_t>(ud[2]) ||
+      (has_res && residual.element_count() != y->element_count()) || ph < 0 || pw < 0)
     return ffi::Error::InvalidArgument(
-        "sqjax_conv3x3_winograd: expected NHWC x, u (16, C, K), NHWC y, pads >= 0");
-  Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], ph, pw, 0, 0, 0};
-  g.th = (g.ho + 1) / 2;
-  g.tw = (g.wo + 1) / 2;
+        "sqjax_conv3x3_winograd: expected NHWC x, u (16 or 36, C, K), bias (K,), residual like y "
+        "or empty, NHWC y, pads >= 0");
+  const int e = static_cast<int>(ud[0]), m = e == 16 ? 2 : 4;
+  Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], ph, pw, 0, 0, 0, relu};
+  g.th = (g.ho + m - 1) / m;
+  g.tw = (g.wo + m - 1) / m;
   const int64_t total = g.n * g.th * g.tw;
   if (total == 0) return ffi::Error::Success();
-  // Tiles per block: their transformed inputs and products (16 positions each) in about
+  // Tiles per block: their transformed inputs and products (E positions each) in about
   // 1.5 MB, so they stay in L2 between the transforms and the products; at least two
   // blocks per thread.
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t fit = (3 << 19) / (64 * (g.c + g.k));
+  const int64_t fit = (3 << 19) / (4 * e * (g.c + g.k));
   g.block = std::max<int64_t>(8, std::min(fit, (total + 2 * threads - 1) / (2 * threads)));
   const int64_t units = (total + g.block - 1) / g.block;
   const float* xs = x.typed_data();
   const float* us = u.typed_data();
+  const float* bs = bias.typed_data();
+  const float* rs = has_res ? residual.typed_data() : nullptr;
   float* ys = y->typed_data();
   auto job = std::make_shared<Job>();
-  auto work = [job, g, xs, us, ys, total, units] {
-    std::vector<float> zeros(g.c), v(16 * Lead(g.block, g.c)), prod(16 * Lead(g.block, g.k));
+  auto work = [job, g, e, m, xs, us, bs, rs, ys, total, units] {
+    std::vector<float> zeros(g.c), v(e * Lead(g.block, g.c)), prod(e * Lead(g.block, g.k));
     for (int64_t b; (b = job->next.fetch_add(1)) < units;) {
       const int64_t t0 = b * g.block, tiles = std::min(g.block, total - t0);
-      InputTransform(g, xs, zeros.data(), t0, tiles, v.data());
-      Products(g, tiles, v.data(), us, prod.data());
-      OutputTransform(g, prod.data(), t0, tiles, ys);
+      if (m == 2)
+        InputTransform<2>(g, xs, zeros.data(), t0, tiles, v.data());
+      else
+        InputTransform<4>(g, xs, zeros.data(), t0, tiles, v.data());
+      Products(g, e, tiles, v.data(), us, prod.data());
+      if (m == 2)
+        OutputTransform<2>(g, prod.data(), bs, rs, t0, tiles, ys);
+      else
+        OutputTransform<4>(g, prod.data(), bs, rs, t0, tiles, ys);
       job->done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -210,6 +267,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SqjaxConv3x3Winograd, Winograd,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w"));
+                                  .Attr<int64_t>("pad_w")
+                                  .Attr<bool>("relu"));
