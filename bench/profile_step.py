@@ -11,6 +11,8 @@ operation in the compiled HLO, and sums the durations per step by kind:
     conv forward / conv input grad / conv kernel grad   convolutions (YNNPACK fusions,
                                     XLA's own, or sqjax.native's kernel-gradient custom
                                     calls), split by the op's JAX name and output shape
+    winograd conv / direct conv     sqjax.native's 3x3 convolutions (with the BatchNorm
+                                    bias, residual and ReLU in inference)
     transpose / copy                layout changes XLA inserts (around kernel gradients)
     reduce                          reductions (BatchNorm statistics, pooling)
     elementwise                     the other fusions: BatchNorm, ReLU, residual adds, the
@@ -87,6 +89,8 @@ def _kind(name: str, instrs: dict, bodies: dict, kernel_shapes: set) -> str:
         return "conv kernel grad"
     if opcode == "custom-call" and "sqjax_conv3x3_winograd" in rest:
         return "winograd conv"
+    if opcode == "custom-call" and "sqjax_conv3x3_direct" in rest:
+        return "direct conv"
     is_conv = opcode == "convolution" or " convolution(" in body
     if is_conv:
         if shape in kernel_shapes:

@@ -327,11 +327,14 @@ FUSED_INFERENCE = True
 
 
 def _fused(module: nn.Module, train: bool) -> bool:
-    """Whether ``module`` runs its inference forward pass by ``conv_bn``."""
+    """Whether ``module`` runs its inference forward pass by ``conv_bn``: not while
+    initializing, nor while intermediates are captured (``capture_intermediates``: the
+    layers' own outputs are asked for)."""
     return (
         FUSED_INFERENCE
         and not train
         and not module.is_initializing()
+        and not module.is_mutable_collection("intermediates")
         and jnp.dtype(module.dtype) == jnp.float32
         and native.available()
     )

@@ -394,7 +394,7 @@ def test_fused_inference_equals_flax_layers(block, width, direct, winograd, monk
     v = _random_batchnorm(enc.init(jax.random.key(0), x), jax.random.key(2))
     monkeypatch.setattr(models, "FUSED_INFERENCE", False)
     loss = lambda v, x: jnp.sum(jnp.sin(enc.apply(v, x)))
-    want, want_grad = jax.value_and_grad(loss)(v, x)
+    want, want_grad = jax.jit(jax.value_and_grad(loss))(v, x)
     plain = jax.jit(lambda v, x: enc.apply(v, x))(v, x)
     monkeypatch.setattr(models, "FUSED_INFERENCE", True)
     fused = jax.jit(lambda v, x: enc.apply(v, x))  # new functions: traced again
@@ -412,6 +412,8 @@ def test_fused_inference_equals_flax_layers(block, width, direct, winograd, monk
     np.testing.assert_allclose(h, plain, rtol=1e-4, atol=1e-5)
     train_mode = jax.jit(lambda v, x: enc.apply(v, x, train=True, mutable="batch_stats"))
     assert native.DIRECT_TARGET not in train_mode.lower(v, x).as_text()
+    captured = enc.apply(v, x, capture_intermediates=lambda m, _: m.name == "stem_conv")[1]
+    assert captured["intermediates"]["stem_conv"]["__call__"][0].shape[-1] == width
 
 
 # --- kernel gradients over batch slices (models.sliced_conv) --------------------------------
