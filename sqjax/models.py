@@ -191,13 +191,14 @@ def _native_kernel_grad(x, w, geometry) -> bool:
     return float32 and min(map(min, padding)) >= 0 and native.available()
 
 
-# Both channel counts at least this: Winograd (native.conv3x3) on XLA:CPU. Single 3x3
-# layers (bench/bench_kernel_grad.py): 1.3-1.5x Eigen's direct convolution at 64-256
-# channels on an Intel (AVX-512) CPU, 1.2-1.8x on an AMD (AVX2) one; 0.98-1.18x at 32,
-# where the transforms' memory traffic outweighs the products saved. Training steps,
-# forward and input gradients (bench/bench_torch.py --winograd 0,1): 1.09-1.13x on
-# ResNet34, 1.00-1.02x on the demo preset (Intel).
-WINOGRAD_CHANNELS = 64
+# Both channel counts at least this: Winograd (native.conv3x3) on XLA:CPU. Single 3x3 layers
+# with the inference epilogue (bench/bench_kernel_grad.py, AMD EPYC), F(4x4) with its
+# transforms vectorized over channels: 1.6-1.7x XLA's convolution and fusion at 32
+# channels, 2.0-2.3x at 64-128, 1.6x at 256; at 16 about equal to the direct kernel, which
+# runs there. Whole models from 32 channels against from 64 (bench/bench_torch.py
+# --winograd 1,32, ratios to PyTorch compared): embedding 0.96-1.32x (ResNet34 at batch 8:
+# 1.32x), training 1.05-1.11x. (With scalar transforms, F(2x2) ran 0.98-1.18x Eigen at 32.)
+WINOGRAD_CHANNELS = 32
 # Winograd's output tiles: 2, F(2x2, 3x3); 4, F(4x4, 3x3) (36 products per 16 outputs, not
 # 16 per 4; rounding about 1e-5 of the outputs' scale, not 1e-6). Single layers with the
 # inference epilogue (bench/bench_kernel_grad.py, AMD EPYC): 4 ran 1.15-1.33x faster than 2

@@ -381,7 +381,7 @@ def _random_batchnorm(variables, key):
 
 @pytest.mark.parametrize(
     "block, width, direct, winograd",
-    [("basic", 16, 4, 2), ("bottleneck", 16, 2, 0)],  # 3x3 stride-1 convs of < / >= 64 ch
+    [("basic", 16, 3, 3), ("bottleneck", 16, 2, 0)],  # 3x3 stride-1 convs of < / >= 32 ch
 )
 def test_fused_inference_equals_flax_layers(block, width, direct, winograd, monkeypatch):
     """models.conv_bn (BatchNorm folded, the epilogue in sqjax.native's kernels) against
@@ -393,6 +393,7 @@ def test_fused_inference_equals_flax_layers(block, width, direct, winograd, monk
     x = jax.random.normal(jax.random.key(1), (2, 24, 16))
     v = _random_batchnorm(enc.init(jax.random.key(0), x), jax.random.key(2))
     monkeypatch.setattr(models, "FUSED_INFERENCE", False)
+    monkeypatch.setattr(models, "WINOGRAD_CHANNELS", 32)
     loss = lambda v, x: jnp.sum(jnp.sin(enc.apply(v, x)))
     want, want_grad = jax.jit(jax.value_and_grad(loss))(v, x)
     plain = jax.jit(lambda v, x: enc.apply(v, x))(v, x)

@@ -36,35 +36,36 @@ struct Geometry {
 };
 
 // B^T d (M = 2: 4 x 4 B^T; M = 4: 6 x 6) of one column d of an input patch, at stride 1.
-template <int M>
-inline void InputRows(const float* d, float* m) {
+// T: a vector of channels (or one float, for the tail).
+template <int M, typename T>
+inline void InputRows(const T* d, T* m) {
   if constexpr (M == 2) {
     m[0] = d[0] - d[2];
     m[1] = d[1] + d[2];
     m[2] = d[2] - d[1];
     m[3] = d[1] - d[3];
   } else {
-    m[0] = 4 * d[0] - 5 * d[2] + d[4];
-    m[1] = d[3] + d[4] - 4 * (d[1] + d[2]);
-    m[2] = d[4] - d[3] + 4 * (d[1] - d[2]);
-    m[3] = d[4] - d[2] + 2 * (d[3] - d[1]);
-    m[4] = d[4] - d[2] + 2 * (d[1] - d[3]);
-    m[5] = 4 * d[1] - 5 * d[3] + d[5];
+    m[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
+    m[1] = d[3] + d[4] - 4.0f * (d[1] + d[2]);
+    m[2] = d[4] - d[3] + 4.0f * (d[1] - d[2]);
+    m[3] = d[4] - d[2] + 2.0f * (d[3] - d[1]);
+    m[4] = d[4] - d[2] + 2.0f * (d[1] - d[3]);
+    m[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
   }
 }
 
 // A^T m (M x (M + 2)) of one column m of the products.
-template <int M>
-inline void OutputRows(const float* m, float* o) {
+template <int M, typename T>
+inline void OutputRows(const T* m, T* o) {
   if constexpr (M == 2) {
     o[0] = m[0] + m[1] + m[2];
     o[1] = m[1] - m[2] - m[3];
   } else {
-    const float a = m[1] + m[2], b = m[1] - m[2], c = m[3] + m[4], d = m[3] - m[4];
+    const T a = m[1] + m[2], b = m[1] - m[2], c = m[3] + m[4], d = m[3] - m[4];
     o[0] = m[0] + a + c;
-    o[1] = b + 2 * d;
-    o[2] = a + 4 * c;
-    o[3] = b + 8 * d + m[5];
+    o[1] = b + 2.0f * d;
+    o[2] = a + 4.0f * c;
+    o[3] = b + 8.0f * d + m[5];
   }
 }
 
@@ -72,6 +73,24 @@ inline void OutputRows(const float* m, float* o) {
 // hold, so that 16 streams at a multiple of 4 KB apart (e.g. 16 tiles x 64 channels) do not
 // fall into the same cache sets (that ran 64 channels 2-3x slower).
 inline int64_t Lead(int64_t tiles, int64_t channels) { return tiles * channels + 16; }
+
+// B^T d B of one patch (p: its (M + 2)^2 input pixels) for the channels [c, c + |T|),
+// stored at out[e * stride + c] for each position e.
+template <int M, typename T>
+inline void InputPatch(const float* const (&p)[M + 2][M + 2], int64_t c, int64_t stride,
+                       float* __restrict out) {
+  constexpr int A = M + 2;
+  T m[A][A], col[A], row[A];
+  for (int s = 0; s < A; ++s) {  // B^T d, column by column
+    for (int r = 0; r < A; ++r) std::memcpy(&col[r], p[r][s] + c, sizeof(T));
+    InputRows<M>(col, row);
+    for (int r = 0; r < A; ++r) m[r][s] = row[r];
+  }
+  for (int r = 0; r < A; ++r) {  // (B^T d) B, row by row
+    InputRows<M>(m[r], row);
+    for (int s = 0; s < A; ++s) std::memcpy(out + (A * r + s) * stride + c, &row[s], sizeof(T));
+  }
+}
 
 // The E transformed inputs B^T d B of tiles [t0, t0 + tiles) (tile t: example
 // t / (th * tw), tile row t / tw % th, column t % tw): v[e][t][c], t counted from t0.
@@ -92,20 +111,10 @@ void InputTransform(const Geometry& g, const float* __restrict x, const float* z
       }
     }
     float* out = v + t * g.c;
-    for (int64_t c = 0; c < g.c; ++c) {
-      float d[A][A], m[A][A], col[A], row[A];
-      for (int r = 0; r < A; ++r)
-        for (int s = 0; s < A; ++s) d[r][s] = p[r][s][c];
-      for (int s = 0; s < A; ++s) {  // B^T d, column by column
-        for (int r = 0; r < A; ++r) col[r] = d[r][s];
-        InputRows<M>(col, row);
-        for (int r = 0; r < A; ++r) m[r][s] = row[r];
-      }
-      for (int r = 0; r < A; ++r) {  // (B^T d) B, row by row
-        InputRows<M>(m[r], row);
-        for (int s = 0; s < A; ++s) out[(A * r + s) * stride + c] = row[s];
-      }
-    }
+    constexpr int64_t L = sizeof(vec) / sizeof(float);
+    int64_t c = 0;
+    for (; c + L <= g.c; c += L) InputPatch<M, vec>(p, c, stride, out);
+    for (; c < g.c; ++c) InputPatch<M, float>(p, c, stride, out);
   }
 }
 
@@ -166,13 +175,42 @@ void Products(const Geometry& g, int E, int64_t tiles, const float* v, const flo
   }
 }
 
+// A^T m A of one tile for the outputs [k, k + |T|) (m: its products, position e at
+// m[e * stride]), plus the bias and the residual (if any), through the ReLU (if relu),
+// stored where it lies inside y (rows x cols of the M x M block at y + at).
+template <int M, typename T>
+inline void OutputPatch(const Geometry& g, const float* m, int64_t stride, const float* bias,
+                        const float* res, int64_t at, int rows, int cols, int64_t k,
+                        float* __restrict y) {
+  constexpr int A = M + 2;
+  T s[M][A], col[A], out[M], o[M][M], b;
+  for (int q = 0; q < A; ++q) {  // A^T m, column by column
+    for (int r = 0; r < A; ++r) std::memcpy(&col[r], m + (A * r + q) * stride + k, sizeof(T));
+    OutputRows<M>(col, out);
+    for (int r = 0; r < M; ++r) s[r][q] = out[r];
+  }
+  for (int r = 0; r < M; ++r) OutputRows<M>(s[r], o[r]);  // (A^T m) A
+  std::memcpy(&b, bias + k, sizeof(T));
+  for (int r = 0; r < rows; ++r)
+    for (int q = 0; q < cols; ++q) {
+      const int64_t i = at + (r * g.wo + q) * g.k + k;
+      T v = o[r][q] + b;
+      if (res) {
+        T add;
+        std::memcpy(&add, res + i, sizeof(T));
+        v += add;
+      }
+      if (g.relu) v = v > 0 ? v : 0;  // elementwise on vectors
+      std::memcpy(y + i, &v, sizeof(T));
+    }
+}
+
 // y's M x M blocks A^T m A of the tiles, where they lie inside y, plus the bias and the
 // residual (if any), through the ReLU (if relu).
 template <int M>
 void OutputTransform(const Geometry& g, const float* __restrict prod, const float* __restrict bias,
                      const float* __restrict res, int64_t t0, int64_t tiles,
                      float* __restrict y) {
-  constexpr int A = M + 2;
   const int64_t stride = Lead(tiles, g.k);
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t n = (t0 + t) / (g.th * g.tw), oh = M * ((t0 + t) / g.tw % g.th);
@@ -181,22 +219,11 @@ void OutputTransform(const Geometry& g, const float* __restrict prod, const floa
     const int cols = static_cast<int>(std::min<int64_t>(M, g.wo - ow));
     const int64_t at = ((n * g.ho + oh) * g.wo + ow) * g.k;
     const float* m = prod + t * g.k;
-    for (int64_t k = 0; k < g.k; ++k) {
-      float s[M][A], col[A], o[M][M];
-      for (int q = 0; q < A; ++q) {  // A^T m, column by column
-        for (int r = 0; r < A; ++r) col[r] = m[(A * r + q) * stride + k];
-        float out[M];
-        OutputRows<M>(col, out);
-        for (int r = 0; r < M; ++r) s[r][q] = out[r];
-      }
-      for (int r = 0; r < M; ++r) OutputRows<M>(s[r], o[r]);  // (A^T m) A
-      for (int r = 0; r < rows; ++r)
-        for (int q = 0; q < cols; ++q) {
-          const int64_t i = at + (r * g.wo + q) * g.k + k;
-          float v = o[r][q] + bias[k] + (res ? res[i] : 0.0f);
-          y[i] = g.relu ? std::max(v, 0.0f) : v;
-        }
-    }
+    constexpr int64_t L = sizeof(vec) / sizeof(float);
+    int64_t k = 0;
+    for (; k + L <= g.k; k += L)
+      OutputPatch<M, vec>(g, m, stride, bias, res, at, rows, cols, k, y);
+    for (; k < g.k; ++k) OutputPatch<M, float>(g, m, stride, bias, res, at, rows, cols, k, y);
   }
 }
 
