@@ -204,7 +204,8 @@ WINOGRAD_CHANNELS = 32
 # inference epilogue (bench/bench_kernel_grad.py, AMD EPYC): 4 ran 1.15-1.33x faster than 2
 # at 64-128 channels, equal at 256 (10 x 38 outputs, where 4x4 tiles overhang). Whole
 # models (bench/bench_torch.py --tile 4,2, ratios to PyTorch compared): embedding 1.03-1.04x
-# on ResNet34, 0.89-1.03x on the demo preset; training 0.96-1.04x (noise).
+# on ResNet34, 0.89-1.03x on the demo preset; training 0.96-1.04x (noise). (All measured
+# before the transforms were vectorized, which sped F(4x4) up most: 2.0-2.3x XLA at 64-128.)
 WINOGRAD_TILE = 4
 # Winograd in inference (embedding) too; False: XLA's convolutions there (benchmarks compare
 # both). Embedding with it against without (bench/bench_torch.py --winograd 0,64, AMD

@@ -13,13 +13,14 @@ CPU, over runs of a noisy machine).
 
 ``conv3x3`` computes 3x3 stride-1 convolutions by Winograd's F(2x2, 3x3) or F(4x4, 3x3)
 (16 products per 2x2 outputs and channel pair, or 36 per 4x4, not 36 or 144), in blocks
-of tiles that stay in L2: 1.2-1.7x Eigen's direct convolution per layer at 64-256
-channels, slower at 16-32 (``bench/bench_kernel_grad.py``); or by a direct kernel (the
-9 x C products of a block of outputs in registers), 1.0-1.5x Eigen at 16-32 channels.
-Both add a bias and a residual and apply a ReLU as they write the output: in inference
-``models.conv_bn`` folds each BatchNorm into its convolution and runs the block's end
-with them in one pass over the activations. ``models.sliced_conv`` uses Winograd at 64
-channels and more in training too (forward and input gradient).
+of tiles that stay in L2, the transforms vectorized over channels: F(4x4) ran 1.6-1.7x
+XLA's convolution per layer at 32 channels and 2.0-2.3x at 64-128
+(``bench/bench_kernel_grad.py``, AMD EPYC); or by a direct kernel (the 9 x C products of
+a block of outputs in registers), 1.3-2.1x at 16 channels. Both add a bias and a
+residual and apply a ReLU as they write the output: in inference ``models.conv_bn`` folds
+each BatchNorm into its convolution and runs the block's end with them in one pass over
+the activations. ``models.sliced_conv`` uses Winograd from ``models.WINOGRAD_CHANNELS``
+in training too (forward and input gradient).
 
 It is compiled on first use with the C++ compiler on the path (``$CXX``, else ``g++``)
 against the XLA FFI headers that jaxlib ships, and cached in ``$SQJAX_CACHE_DIR`` (default
