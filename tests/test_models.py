@@ -393,7 +393,7 @@ def test_fused_inference_equals_flax_layers(block, width, direct, winograd, monk
     x = jax.random.normal(jax.random.key(1), (2, 24, 16))
     v = _random_batchnorm(enc.init(jax.random.key(0), x), jax.random.key(2))
     monkeypatch.setattr(models, "FUSED_INFERENCE", False)
-    monkeypatch.setattr(models, "WINOGRAD_CHANNELS", 32)
+    monkeypatch.setattr(models, "WINOGRAD_INFERENCE_CHANNELS", 32)
     loss = lambda v, x: jnp.sum(jnp.sin(enc.apply(v, x)))
     want, want_grad = jax.jit(jax.value_and_grad(loss))(v, x)
     plain = jax.jit(lambda v, x: enc.apply(v, x))(v, x)
