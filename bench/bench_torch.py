@@ -19,7 +19,8 @@ and of ``--phased`` (1: strided convolutions' input gradients from stride-1 conv
 the step is compiled with ``models.training_compiler_options``, as ``train.train`` does.
 ``--winograd`` (3x3 stride-1 convolutions by Winograd, ``native.conv3x3``, in the forward
 pass and the input gradient, of at least N channels: 1 for ``models.WINOGRAD_CHANNELS``,
-the CPU default, or N; 0: none). Embedding is timed with XLA's default options (a plain
+the CPU default, or N; 0: none; in fused inference, 1 stands for
+``models.WINOGRAD_INFERENCE_CHANNELS``). Embedding is timed with XLA's default options (a plain
 ``jax.jit``; sqjax's Winograd defaults), then as sqjax compiles it (``evaluate.jitted_embed``, with
 ``models.inference_compiler_options``) once per ``--winograd`` value (in inference too,
 ``models.WINOGRAD_INFERENCE``) and ``--fused`` value (1: each convolution with its
@@ -170,6 +171,7 @@ def run(a) -> None:
     from sqjax import evaluate, models, native
 
     defaults = models.WINOGRAD_CHANNELS, models.WINOGRAD_INFERENCE, models.FUSED_INFERENCE
+    default_inference_channels = models.WINOGRAD_INFERENCE_CHANNELS
     default_tile = models.WINOGRAD_TILE
     a.tile = a.tile or str(default_tile)
     native_env = os.environ.get("SQJAX_NATIVE")
@@ -246,12 +248,16 @@ def run(a) -> None:
                 models.FUSED_INFERENCE = fused == "1"  # read when traced
                 models.WINOGRAD_INFERENCE = winograd != "0"
                 models.WINOGRAD_CHANNELS = winograd_channels(winograd)
+                models.WINOGRAD_INFERENCE_CHANNELS = (  # what conv_bn reads
+                    default_inference_channels if winograd == "1" else winograd_channels(winograd)
+                )
                 models.WINOGRAD_TILE = tile
                 variant = {"0": "sqjax, no wino", "1": "sqjax"}.get(winograd, f"wino {winograd}")
                 variant += "" if fused == "1" else ", unfused"
                 variant += "" if tile == default_tile or winograd == "0" else f", tile {tile}"
                 compiled[variant] = models.jit_inference(apply()).lower(*args).compile()
             models.WINOGRAD_CHANNELS, models.WINOGRAD_INFERENCE, models.FUSED_INFERENCE = defaults
+            models.WINOGRAD_INFERENCE_CHANNELS = default_inference_channels
             models.WINOGRAD_TILE = default_tile
             *ours, theirs = _alternate(
                 *(functools.partial(_jax_embed, c, *args) for c in compiled.values()),

@@ -42,6 +42,49 @@ def _set_cpu_devices(n: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
+# XLA:CPU maps each program's buffers afresh on every call (hundreds of MB at the demo's
+# batch 32), and glibc's malloc backs them with 4 KiB pages, each faulted in on first touch:
+# some 220k page faults per demo training step. With transparent huge pages in "madvise"
+# mode, glibc >= 2.35 asks for 2 MiB pages when told to (GLIBC_TUNABLES, read only when a
+# process starts), so the command re-runs itself once with it. Measured (AMD EPYC, 2 cores,
+# bench/bench_torch.py in both environments): see README "Speed". SQJAX_HUGEPAGES=0: never.
+_HUGEPAGES = "glibc.malloc.hugetlb=1"
+_THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _hugepage_env(environ: dict, thp_mode: str, libc: str) -> dict | None:
+    """The environment to re-run the command with huge pages, or None: already asked for,
+    turned off (``SQJAX_HUGEPAGES=0``), not glibc 2.35 or later (``libc``, as
+    ``os.confstr("CS_GNU_LIBC_VERSION")``), or THP not in madvise mode (``thp_mode``, the
+    kernel's ``transparent_hugepage/enabled``: in "always" mode large buffers get them
+    anyway, in "never" not at all)."""
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in tunables or environ.get("SQJAX_HUGEPAGES") == "0":
+        return None
+    name, _, version = libc.partition(" ")
+    try:
+        glibc = name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35)
+    except ValueError:
+        glibc = False
+    if not glibc or "[madvise]" not in thp_mode:
+        return None
+    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{_HUGEPAGES}".lstrip(":")}
+
+
+def _rerun_with_hugepages() -> None:
+    """Replace this process by the same command with ``_hugepage_env``, where it applies."""
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+        thp_mode = _THP_MODE.read_text()
+    except (ValueError, OSError):  # not Linux, or no THP
+        return
+    env = _hugepage_env(dict(os.environ), thp_mode, libc)
+    if env is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 def _print_metrics(result: dict, title: str) -> None:
     print(f"\n{title}")
     for key in ("eer", "min_dcf@0.01", "min_dcf@0.05"):
@@ -506,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:  # a command of its own (not called from Python): huge pages first
+        _rerun_with_hugepages()
     args, rest = build_parser().parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if rest and args.command not in ("train", "qat", "eval", "study"):

@@ -2,6 +2,9 @@
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -20,6 +23,50 @@ def test_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for command in ("train", "qat", "eval", "synth"):
         assert command in out
+
+
+@pytest.mark.parametrize(
+    "environ, thp, libc, tunables",
+    [
+        ({}, "always [madvise] never", "glibc 2.36", "glibc.malloc.hugetlb=1"),
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "always [madvise] never", "glibc 2.35",
+         "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+        ({}, "always [madvise] never", "glibc 2.34", None),  # no hugetlb tunable before 2.35
+        ({}, "always [madvise] never", "", None),  # not glibc (musl, macOS)
+        ({}, "[always] madvise never", "glibc 2.36", None),  # THP for every large buffer anyway
+        ({}, "always madvise [never]", "glibc 2.36", None),
+        ({"SQJAX_HUGEPAGES": "0"}, "always [madvise] never", "glibc 2.36", None),
+        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "always [madvise] never", "glibc 2.36",
+         None),  # the user's own choice, and what stops a second re-run
+    ],
+)  # fmt: skip
+def test_hugepage_environment(environ, thp, libc, tunables):
+    env = cli._hugepage_env({"PATH": "/bin", **environ}, thp, libc)
+    if tunables is None:
+        assert env is None
+    else:
+        assert env == {"PATH": "/bin", **environ, "GLIBC_TUNABLES": tunables}
+
+
+def test_command_reruns_itself_with_huge_pages(tmp_path):
+    # A command of its own re-runs once with the tunable where the kernel and libc allow it,
+    # and keeps its arguments and its exit status.
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "SQJAX_HUGEPAGES")}
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    expected = cli._hugepage_env(env, thp.read_text() if thp.exists() else "", libc)
+    rerun = "import os; from sqjax import cli; cli._rerun_with_hugepages(); "
+    probe = rerun + "print(os.environ.get('GLIBC_TUNABLES'))"
+    kwargs = {"env": env, "capture_output": True, "text": True}
+    run = subprocess.run([sys.executable, "-c", probe], check=False, **kwargs)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(expected and expected["GLIBC_TUNABLES"])
+    command = "from sqjax import cli; cli.main()"
+    missing = tmp_path / "missing"
+    run = subprocess.run(
+        [sys.executable, "-c", command, "report", str(missing)], check=False, **kwargs
+    )
+    assert run.returncode == 2 and str(missing) in run.stderr, run.stderr
 
 
 def test_unknown_argument_is_an_error(capsys):
