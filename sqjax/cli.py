@@ -52,14 +52,19 @@ _HUGEPAGES = "glibc.malloc.hugetlb=1"
 _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def _hugepage_env(environ: dict, thp_mode: str, libc: str) -> dict | None:
-    """The environment to re-run the command with huge pages, or None: already asked for,
+def _hugepage_env(environ: dict, thp_mode: str | None = None, libc: str | None = None):
+    """The environment to run a command with huge pages in, or None: already asked for,
     turned off (``SQJAX_HUGEPAGES=0``), not glibc 2.35 or later (``libc``, as
     ``os.confstr("CS_GNU_LIBC_VERSION")``), or THP not in madvise mode (``thp_mode``, the
     kernel's ``transparent_hugepage/enabled``: in "always" mode large buffers get them
-    anyway, in "never" not at all)."""
+    anyway, in "never" not at all). ``thp_mode`` and ``libc`` default to this machine's."""
     tunables = environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in tunables or environ.get("SQJAX_HUGEPAGES") == "0":
+        return None
+    try:
+        libc = (os.confstr("CS_GNU_LIBC_VERSION") or "") if libc is None else libc
+        thp_mode = _THP_MODE.read_text() if thp_mode is None else thp_mode
+    except (ValueError, OSError):  # not Linux, or no THP
         return None
     name, _, version = libc.partition(" ")
     try:
@@ -72,13 +77,8 @@ def _hugepage_env(environ: dict, thp_mode: str, libc: str) -> dict | None:
 
 
 def _rerun_with_hugepages() -> None:
-    """Replace this process by the same command with ``_hugepage_env``, where it applies."""
-    try:
-        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
-        thp_mode = _THP_MODE.read_text()
-    except (ValueError, OSError):  # not Linux, or no THP
-        return
-    env = _hugepage_env(dict(os.environ), thp_mode, libc)
+    """Replace this process by the same command in ``_hugepage_env``, where it applies."""
+    env = _hugepage_env(dict(os.environ))
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -41,6 +41,17 @@ LONGEST_FIRST = (
 )
 
 
+def pytest_configure(config):
+    # The xdist workers and the commands tests start run with glibc's huge pages, as the
+    # sqjax command does (cli._hugepage_env): they start after this. With -n 0 this process
+    # keeps 4 KiB pages (glibc reads the tunable only when a process starts).
+    from sqjax import cli
+
+    env = cli._hugepage_env(dict(os.environ))
+    if env is not None:
+        os.environ["GLIBC_TUNABLES"] = env["GLIBC_TUNABLES"]
+
+
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
