@@ -52,7 +52,9 @@ _HUGEPAGES = "glibc.malloc.hugetlb=1"
 _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def _hugepage_env(environ: dict, thp_mode: str | None = None, libc: str | None = None):
+def _hugepage_env(
+    environ: dict, thp_mode: str | None = None, libc: str | None = None
+) -> dict | None:
     """The environment to run a command with huge pages in, or None: already asked for,
     turned off (``SQJAX_HUGEPAGES=0``), not glibc 2.35 or later (``libc``, as
     ``os.confstr("CS_GNU_LIBC_VERSION")``), or THP not in madvise mode (``thp_mode``, the

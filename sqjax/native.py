@@ -57,7 +57,9 @@ SOURCES = tuple(
     pathlib.Path(__file__).with_name("csrc") / f
     for f in ("conv_kernel_grad.cc", "conv3x3_winograd.cc", "conv3x3_direct.cc")
 )
-HEADERS = (pathlib.Path(__file__).with_name("csrc") / "vectors.h",)  # included by SOURCES
+HEADERS = tuple(  # included by SOURCES
+    pathlib.Path(__file__).with_name("csrc") / f for f in ("vectors.h", "parallel.h")
+)
 TARGET = "sqjax_conv_kernel_grad"
 WINOGRAD_TARGET = "sqjax_conv3x3_winograd"
 DIRECT_TARGET = "sqjax_conv3x3_direct"

@@ -11,13 +11,11 @@
 // and the ReLU are applied before the block is stored, so y is written once (XLA reads
 // and writes it again for each of them). Rows are split over XLA's intra-op threads.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "vectors.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -108,12 +106,6 @@ void Tail(int64_t n, const Geometry& g, const float* x, const float* kernel, con
   }
 }
 
-// Rows are claimed a few at a time by the calling thread and the pool's threads; the caller
-// works too and waits only for rows already started.
-struct Job {
-  std::atomic<int64_t> next{0}, done{0};
-};
-
 ffi::Error Direct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                   ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual,
                   ffi::ResultBuffer<ffi::F32> y, int64_t ph, int64_t pw, bool relu) {
@@ -137,23 +129,16 @@ ffi::Error Direct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   const float* bs = bias.typed_data();
   const float* rs = has_res ? residual.typed_data() : nullptr;
   float* ys = y->typed_data();
-  auto job = std::make_shared<Job>();
-  auto work = [job, g, xs, ks, bs, rs, ys, rows, chunk, units] {
-    std::vector<float> zeros(g.c);
-    for (int64_t u; (u = job->next.fetch_add(1)) < units;) {
+  ParallelFor(pool, units, [g, xs, ks, bs, rs, ys, rows, chunk] {  // rows, a few per unit
+    return [g, xs, ks, bs, rs, ys, rows, chunk, zeros = std::vector<float>(g.c)](int64_t u) {
       for (int64_t row = u * chunk; row < std::min(rows, (u + 1) * chunk); ++row) {
         int64_t w0 = 0;
         for (; w0 + kRows <= g.wo; w0 += kRows)
           Outputs<kRows>(g, xs, ks, bs, rs, zeros.data(), row, w0, ys);
         Tail(g.wo - w0, g, xs, ks, bs, rs, zeros.data(), row, w0, ys);
       }
-      job->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int helpers = static_cast<int>(std::min<int64_t>(threads - 1, units - 1));
-  for (int i = 0; i < helpers; ++i) pool.Schedule([work] { work(); });
-  work();
-  while (job->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
+    };
+  });
   return ffi::Error::Success();
 }
 

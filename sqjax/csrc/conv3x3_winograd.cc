@@ -16,13 +16,11 @@
 // epilogue (inference, with BatchNorm folded into the kernel) is applied as y is written:
 // y = act(conv + bias[k] + residual) with act ReLU or none and the residual optional.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "vectors.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -227,12 +225,6 @@ void OutputTransform(const Geometry& g, const float* __restrict prod, const floa
   }
 }
 
-// Blocks are claimed one at a time by the calling thread and the pool's threads; the
-// caller works too and waits only for blocks already started.
-struct Job {
-  std::atomic<int64_t> next{0}, done{0};
-};
-
 ffi::Error Winograd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
                     ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual,
                     ffi::ResultBuffer<ffi::F32> y, int64_t ph, int64_t pw, bool relu) {
@@ -263,10 +255,10 @@ ffi::Error Winograd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const float* bs = bias.typed_data();
   const float* rs = has_res ? residual.typed_data() : nullptr;
   float* ys = y->typed_data();
-  auto job = std::make_shared<Job>();
-  auto work = [job, g, e, m, xs, us, bs, rs, ys, total, units] {
+  ParallelFor(pool, units, [g, e, m, xs, us, bs, rs, ys, total] {  // blocks of tiles
     std::vector<float> zeros(g.c), v(e * Lead(g.block, g.c)), prod(e * Lead(g.block, g.k));
-    for (int64_t b; (b = job->next.fetch_add(1)) < units;) {
+    return [=, zeros = std::move(zeros), v = std::move(v), prod = std::move(prod)](
+               int64_t b) mutable {
       const int64_t t0 = b * g.block, tiles = std::min(g.block, total - t0);
       if (m == 2)
         InputTransform<2>(g, xs, zeros.data(), t0, tiles, v.data());
@@ -277,13 +269,8 @@ ffi::Error Winograd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
         OutputTransform<2>(g, prod.data(), bs, rs, t0, tiles, ys);
       else
         OutputTransform<4>(g, prod.data(), bs, rs, t0, tiles, ys);
-      job->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int helpers = static_cast<int>(std::min<int64_t>(threads - 1, units - 1));
-  for (int i = 0; i < helpers; ++i) pool.Schedule([work] { work(); });
-  work();
-  while (job->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
+    };
+  });
   return ffi::Error::Success();
 }
 

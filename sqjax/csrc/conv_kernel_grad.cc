@@ -8,13 +8,11 @@
 // products read straight from the NHWC arrays, register-blocked over channels, with the
 // output rows split over XLA's intra-op threads (one partial sum per part).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "vectors.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -109,16 +107,6 @@ void Rows(const Geometry& g, const float* x, const float* dy, int64_t row0, int6
   }
 }
 
-// Parts claimed by whichever thread gets to them first: the calling thread runs part 0,
-// then every part no pool thread has started, then waits only for parts already running,
-// so a busy (or absent) pool delays nothing.
-struct Job {
-  Job(int parts, int64_t size) : claimed(parts), partial(parts - 1, std::vector<float>(size)) {}
-  std::vector<std::atomic<bool>> claimed;
-  std::atomic<int> done{0};
-  std::vector<std::vector<float>> partial;  // parts 1.., summed into the output at the end
-};
-
 ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t ph,
                       int64_t pw) {
@@ -135,23 +123,17 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int parts = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>({std::max<int64_t>(pool.num_threads(), 1), rows,
                             rows * work / (2 << 20)})));
-  if (parts == 1) {
-    Rows(g, x.typed_data(), dy.typed_data(), 0, rows, out);
-    return ffi::Error::Success();
-  }
-  auto job = std::make_shared<Job>(parts, size);
+  // Part 0 sums into dw, parts 1.. into their own buffers, added to dw in order at the end.
+  std::vector<std::vector<float>> partial(parts - 1, std::vector<float>(size));
   const float* xs = x.typed_data();
   const float* ds = dy.typed_data();
-  auto run = [job, g, xs, ds, rows, parts, out](int p) {
-    if (job->claimed[p].exchange(true)) return;
-    float* acc = p == 0 ? out : job->partial[p - 1].data();
-    Rows(g, xs, ds, rows * p / parts, rows * (p + 1) / parts, acc);
-    job->done.fetch_add(1, std::memory_order_release);
-  };
-  for (int p = 1; p < parts; ++p) pool.Schedule([run, p] { run(p); });
-  for (int p = 0; p < parts; ++p) run(p);
-  while (job->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
-  for (const auto& part : job->partial)
+  ParallelFor(pool, parts, [&partial, g, xs, ds, rows, parts, out] {
+    return [&partial, g, xs, ds, rows, parts, out](int64_t p) {
+      float* acc = p == 0 ? out : partial[p - 1].data();
+      Rows(g, xs, ds, rows * p / parts, rows * (p + 1) / parts, acc);
+    };
+  });
+  for (const auto& part : partial)
     for (int64_t k = 0; k < size; ++k) out[k] += part[k];
   return ffi::Error::Success();
 }
