@@ -46,8 +46,9 @@ def _set_cpu_devices(n: int) -> None:
 # batch 32), and glibc's malloc backs them with 4 KiB pages, each faulted in on first touch:
 # some 220k page faults per demo training step. With transparent huge pages in "madvise"
 # mode, glibc >= 2.35 asks for 2 MiB pages when told to (GLIBC_TUNABLES, read only when a
-# process starts), so the command re-runs itself once with it. Measured (AMD EPYC, 2 cores,
-# bench/bench_torch.py in both environments): see README "Speed". SQJAX_HUGEPAGES=0: never.
+# process starts), so the command re-runs itself once with it. README "Speed on a CPU": the
+# demo's training ran 1.26x faster; a step right after seconds of idle can run slower (up to
+# 2x on a VM with a memory balloon). SQJAX_HUGEPAGES=0: never.
 _HUGEPAGES = "glibc.malloc.hugetlb=1"
 _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
