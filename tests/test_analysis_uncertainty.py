@@ -164,14 +164,21 @@ def test_knee_stability_counts_kneedle_per_resample():
     bits = [32, 8, 4, 3, 2, 1]
     sharp = np.array([0.04, 0.04, 0.041, 0.042, 0.05, 0.30])
     rng = np.random.default_rng(5)
-    samples = sharp + rng.normal(0, 0.0005, (50, 6))
-    res = u.knee_stability(bits, samples)
-    expected = [scores_lib.knee(bits, row)["knee"] for row in samples]
+    eer = sharp + rng.normal(0, 0.0005, (50, 6))
+    drift = np.array([0, 0.01, 0.02, 0.03, 0.06, 0.4]) + rng.normal(0, 0.004, (50, 6))
+    res = u.knee_stability(bits, {"eer": eer, "drift": drift})
     assert res["n"] == 50
-    for k, share in res["share"].items():
-        want = sum((str(e) if e is not None else "none") == k for e in expected) / 50
-        assert share == pytest.approx(want)
-    assert sum(res["share"].values()) == pytest.approx(1.0)
+    knees = {
+        k: [scores_lib.knee(bits, row)["knee"] for row in x]
+        for k, x in [("eer", eer), ("drift", drift)]
+    }
+    for k, found in knees.items():
+        for width, share in res[k]["share"].items():
+            want = sum((str(e) if e is not None else "none") == width for e in found) / 50
+            assert share == pytest.approx(want)
+        assert sum(res[k]["share"].values()) == pytest.approx(1.0)
+    both = sum(e == d == 2 for e, d in zip(knees["eer"], knees["drift"])) / 50
+    assert res["joint"].get("2", 0.0) == pytest.approx(both)
 
 
 def test_drift_samples_are_weighted_means():
@@ -196,6 +203,9 @@ def test_drift_samples_are_weighted_means():
         (u.verdict_at_most, ([-0.1, 0.04], 0.05), u.SUPPORTED),
         (u.verdict_at_most, ([0.06, 0.2], 0.05), u.CONTRADICTED),
         (u.verdict_at_most, ([0.0, 0.1], 0.05), u.UNDETERMINED),
+        (u.verdict_above, ([0.6, 0.9], 0.5), u.SUPPORTED),
+        (u.verdict_above, ([0.1, 0.4], 0.5), u.CONTRADICTED),
+        (u.verdict_above, ([0.4, 0.6], 0.5), u.UNDETERMINED),
         (u.verdict_share, (0.9,), u.SUPPORTED),
         (u.verdict_share, (0.1,), u.CONTRADICTED),
         (u.verdict_share, (0.5,), u.UNDETERMINED),
@@ -219,3 +229,83 @@ def test_bad_inputs_name_the_parameter():
     with pytest.raises(ValueError, match="bca"):
         u.interval([0.1, 0.2], 0.1, method="bca")
     assert u.format_ci(0.0455, [0.041, 0.05]) == "0.0455 [0.0410, 0.0500]"
+
+
+def _precision_scores(rng, n_speakers=40, n_trials=4000):
+    s, y, a, b = _trials(rng, n_speakers, n_trials)
+    noise = [0.0, 0.02, 0.05, 0.1, 0.4, 1.2]  # fp32, 8, 4, 3, 2, 1 bits
+    rows = np.stack([s + rng.normal(0, sd, s.size) for sd in noise])
+    return rows, y, a, b
+
+
+def test_score_analysis_carries_paired_intervals_and_verdict_inputs():
+    from sqjax.analysis.report import claims
+
+    rng = np.random.default_rng(7)
+    rows, y, a, b = _precision_scores(rng)
+    names = ["fp32", "8bit", "4bit", "3bit", "2bit", "1bit"]
+    boot = u.bootstrap(y, a, b, n_resamples=100)
+    res = scores_lib.score_analysis(rows, 0.8 * rows - 1.0, y, names, boot=boot)
+    two = res["per_precision"]["2bit"]["metrics"]
+    lo, hi = two["eer_ci"]
+    assert lo <= two["eer"] <= hi
+    assert two["delta_eer"] == pytest.approx(
+        two["eer"] - res["per_precision"]["fp32"]["metrics"]["eer"]
+    )
+    assert res["per_precision"]["fp32"]["metrics"]["delta_eer_ci"] == [0.0, 0.0]
+    one = res["per_precision"]["1bit"]["metrics"]
+    assert one["delta_eer_ci"][0] > 0  # 1.2 of noise on unit-variance scores: surely worse
+    for m in ("min_dcf@0.01", "act_dcf@0.05", "cllr"):
+        assert len(two[m + "_ci"]) == 2 and "rel_delta_" + m + "_ci" in two
+    assert (
+        res["per_precision"]["2bit"]["flip_tests"]["mcnemar"]["harmful"]
+        == (res["per_precision"]["2bit"]["flips"]["harmful"])
+    )
+    assert res["knee_stability"]["n"] == 100
+    assert res["uncertainty"]["bootstrap"] == {
+        "level": "speaker",
+        "n_resamples": 100,
+        "n_units": 40,
+        "n_failed": 0,
+    }
+    verdicts = {c["claim"].split(":")[1].strip(): c for c in claims(res, None, {}, None)}
+    assert {c["verdict"] for c in verdicts.values()} <= {
+        u.SUPPORTED,
+        u.CONTRADICTED,
+        u.UNDETERMINED,
+    }
+    knee = next(c for k, c in verdicts.items() if k.startswith("the EER"))
+    share = res["knee_stability"]["joint"].get("2", 0.0)
+    assert knee["verdict"] == u.verdict_share(share)
+
+
+def test_cascade_analysis_intervals_and_claim():
+    from sqjax.analysis import cascade
+    from sqjax.analysis.report import claims
+
+    rng = np.random.default_rng(8)
+    rows, y, a, b = _precision_scores(rng)
+    rows = rows[[4, 0]]  # 2 bits, then FP32
+    cal, y_cal, _, _ = _precision_scores(rng)
+    per = {
+        "macs": np.array([1.0, 1.0]),
+        "bitops": np.array([2.0, 32.0]),
+        "bytes": np.array([1.0, 16]),
+    }
+    enroll, test = np.arange(y.size), np.arange(y.size) + y.size
+    boot = u.bootstrap(y, a, b, n_resamples=100)
+    res, arrays = cascade.cascade_analysis(
+        cal[[4, 0]], y_cal, rows, y, ["2bit", "fp32"], per, enroll=enroll, test=test, boot=boot
+    )
+    fp32 = res["systems"]["fp32"]
+    assert fp32["delta_eer_ci"] == [0.0, 0.0]
+    ch = res["chosen"]
+    lo, hi = ch["eer_ci"]
+    assert lo <= ch["eer"] <= hi
+    assert ch["delta_eer"] == pytest.approx(ch["eer"] - fp32["eer"])
+    assert arrays["curve"]["eer_ci"].shape == (len(arrays["curve"]["eer"]), 2)
+    claim = claims(None, None, {}, res)[0]
+    if ch["fractions"][0] > 0.5:
+        assert claim["verdict"] == u.verdict_at_most(ch["rel_delta_eer_ci"], res["tolerance"])
+    else:
+        assert claim["verdict"] == u.CONTRADICTED

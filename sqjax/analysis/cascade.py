@@ -203,6 +203,9 @@ def cascade_analysis(
     cost: str = "bitops",
     p_cal: float = 0.05,
     grid: int = 10,
+    boot=None,
+    curve_resamples: int = 200,
+    level: float = 0.95,
 ) -> tuple[dict, dict]:
     """The cascade study from raw scores, stages in cascade order (last: the reference).
 
@@ -220,6 +223,11 @@ def cascade_analysis(
         when enrollment embeddings are cached (``*_per_trial_cached``).
       enroll, test: ``(T,)`` utterance indices of the test trials, to count the distinct
         embeddings each stage needs.
+      boot: resamples of the test trials (``uncertainty.bootstrap``), or None. With it,
+        each system and the chosen cascades carry ``m + "_ci"``, ``"delta_" + m`` (minus
+        the last stage alone), ``"delta_" + m + "_ci"``, ``"rel_delta_" + m`` and its
+        ``_ci`` for every metric m, on paired resamples; the curve gets "eer_ci" (its
+        first ``curve_resamples`` resamples) and the result "uncertainty".
 
     Returns:
       ``(result, arrays)``: the JSON-ready result (systems, chosen, test_optimal, ...) and
@@ -310,6 +318,8 @@ def cascade_analysis(
         "test_optimal": None if best is None else row(on_test, best),
         "grid_points": len(taus),
     }
+    if boot is not None:
+        _add_intervals(result, llr, y, on_test, chosen, best, curve, boot, curve_resamples, level)
     arrays = {
         "curve": curve,
         "grid_test": on_test,
@@ -317,6 +327,31 @@ def cascade_analysis(
         "llr": llr,
     }
     return result, arrays
+
+
+def _add_intervals(result, llr, y, on_test, chosen, best, curve, boot, curve_resamples, level):
+    """Paired intervals of every stage alone and the chosen cascades against the last
+    stage, on the same resamples of the test trials."""
+    from sqjax.analysis import uncertainty
+
+    names = list(result["stages"])
+    rows, keys = [llr], []
+    for key, i in (("chosen", chosen), ("test_optimal", best)):
+        if i is not None:
+            rows.append(cascade_llrs(llr, on_test["stage"][i : i + 1]))
+            keys.append(key)
+    systems = np.concatenate(rows)
+    cmp = uncertainty.compare(
+        systems, y, names + keys, boot, llrs=systems, reference=len(names) - 1, level=level
+    )
+    for n in names:
+        result["systems"][n].update(cmp["systems"][n])
+    for key in keys:
+        result[key].update(cmp["systems"][key])
+    few = boot._replace(counts=boot.counts[:curve_resamples])
+    eer = uncertainty.resample_metrics(few, cascade_llrs(llr, curve["stage"]), y, p_targets=())
+    curve["eer_ci"] = np.array([uncertainty.interval(col, 0.0, level) for col in eer["eer"].T])
+    result["uncertainty"] = {k: cmp[k] for k in ("level", "method", "bootstrap")}
 
 
 def deploy(

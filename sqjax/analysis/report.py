@@ -13,6 +13,8 @@ import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from sqjax.analysis import uncertainty
+
 # Rules for calling a claim supported (ours; stated in the report).
 NEAR_SHARE = 0.5  # harmful 2-bit flips among the 10% of trials nearest theta: >= 5x uniform
 R2_EXPLAINED = 0.5  # distortion "explains" sensitivity when R^2 >= this
@@ -24,41 +26,134 @@ def _fmt(v, spec: str = ".4f") -> str:
 
 
 def _verdict(ok: bool | None) -> str:
-    return {True: "supported", False: "not supported", None: "not measured"}[ok]
+    """A verdict from a point estimate (analyses written before intervals existed)."""
+    return {True: "supported", False: "contradicted", None: "not measured"}[ok]
+
+
+KNEE_SUPPORT, KNEE_CONTRADICT = 0.8, 0.2  # shares of resamples with the knee at 2 bits
+
+
+def _ci(v) -> str:
+    lo, hi = v if v is not None else (None, None)
+    return f"[{_fmt(lo, '.0%')}, {_fmt(hi, '.0%')}]"
+
+
+def _knee_claim(name: str, a: Mapping) -> dict:
+    k, d = a["knee"]["eer"], a["knee"]["mean_abs_drift"]
+    claim = f"{name}: the EER and the score drift bend at 2 bits (the knee)"
+    stab = a.get("knee_stability")
+    if stab is None:
+        return {
+            "claim": claim,
+            "verdict": _verdict(k["knee"] == 2 and d["knee"] == 2),
+            "evidence": f"EER: {k['statement']}; mean |drift|: {d['statement']} (point "
+            "estimates: no intervals in this analysis)",
+            "rule": "point estimate: Kneedle puts the knee of both curves at 2 bits",
+        }
+
+    def shares(key):
+        return ", ".join(f"{w}: {s:.0%}" for w, s in stab[key]["share"].items())
+
+    both = stab["joint"].get("2", 0.0)
+    return {
+        "claim": claim,
+        "verdict": uncertainty.verdict_share(both, KNEE_SUPPORT, KNEE_CONTRADICT),
+        "evidence": f"knee of both curves at 2 bits in {both:.0%} of {stab['n']} "
+        f"{a['uncertainty']['bootstrap']['level']} resamples; EER knee by width: "
+        f"{shares('eer')}; mean |drift|: {shares('mean_abs_drift')}; on the data "
+        f"themselves: EER {k['statement']}, drift {d['statement']}",
+        "rule": f"Kneedle on each resample: supported when both knees fall at 2 bits in >= "
+        f"{KNEE_SUPPORT:.0%} of resamples, contradicted when in <= {KNEE_CONTRADICT:.0%}",
+    }
+
+
+def _flip_claim(name: str, a: Mapping) -> dict:
+    claim = f"{name}: harmful 2-bit flips are concentrated near the FP32 threshold"
+    two = a["per_precision"].get("2bit")
+    conc = None if two is None else two["concentration"]
+    share = None if conc is None else conc["harmful_share_nearest"]
+    if share is None:
+        return {
+            "claim": claim,
+            "verdict": "not measured",
+            "evidence": "no 2-bit model or no harmful flip",
+            "rule": "",
+        }
+    tests = two.get("flip_tests")
+    head = (
+        f"{share:.0%} of the {two['flips']['harmful']} harmful 2-bit flips lie among the 10% "
+        f"of trials nearest theta"
+    )
+    if tests is None:
+        return {
+            "claim": claim,
+            "verdict": _verdict(share >= NEAR_SHARE),
+            "evidence": head + " (point estimate: no interval in this analysis)",
+            "rule": f"point estimate: that share is >= {NEAR_SHARE:.0%} (5x an even spread)",
+        }
+    mc = tests["mcnemar"]
+    return {
+        "claim": claim,
+        "verdict": uncertainty.verdict_above(tests["share_nearest_ci"], NEAR_SHARE),
+        "evidence": f"{head}, interval {_ci(tests['share_nearest_ci'])}; FP32 scores plus "
+        f"noise of the same spread: {_fmt(tests['null_share_nearest'], '.0%')}; harmful "
+        f"{mc['harmful']} vs beneficial {mc['beneficial']}, McNemar p = "
+        f"{mc['p_value']:.2g}",
+        "rule": f"supported when the share's interval lies above {NEAR_SHARE:.0%} (5x an "
+        f"even spread), contradicted when below it",
+    }
+
+
+def _cascade_claim(cascade: Mapping) -> dict:
+    c = cascade["chosen"]
+    first = cascade["stages"][0]
+    fp32 = cascade["systems"][cascade["stages"][-1]]
+    tol, metric = cascade["tolerance"], cascade["metric"]
+    claim = f"the cascade keeps {metric} close to FP32 while most trials stop at {first}"
+    if c is None:
+        return {
+            "claim": claim,
+            "verdict": "contradicted",
+            "evidence": "no tau keeps the metric within tolerance on the calibration trials",
+            "rule": "",
+        }
+    most = c["fractions"][0] > MOST_AT_FIRST
+    ev = (
+        f"test {metric} {c[metric]:.4f} vs {fp32[metric]:.4f} for FP32 alone; "
+        f"{c['fractions'][0]:.0%} of trials decided at {first}; relative bit-ops "
+        f"{c['rel_bitops']:.3f}, MACs {c['rel_macs']:.3f} of FP32 alone"
+    )
+    rel = c.get(f"rel_delta_{metric}_ci")
+    if rel is None:
+        close = c[metric] <= (1 + tol) * fp32[metric]
+        return {
+            "claim": claim,
+            "verdict": _verdict(close and most),
+            "evidence": ev + " (point estimates: no intervals in this analysis)",
+            "rule": f"point estimate: test {metric} <= (1 + {tol:g}) x FP32's and > "
+            f"{MOST_AT_FIRST:.0%} of trials decided at the first stage",
+        }
+    verdict = uncertainty.verdict_at_most(rel, tol) if most else "contradicted"
+    return {
+        "claim": claim,
+        "verdict": verdict,
+        "evidence": f"{ev}; relative change against FP32 {_fmt(c[f'rel_delta_{metric}'], '+.1%')}"
+        f", interval [{_fmt(rel[0], '+.1%')}, {_fmt(rel[1], '+.1%')}]",
+        "rule": f"more than {MOST_AT_FIRST:.0%} of trials decided at the first stage, and the "
+        f"paired interval of the relative {metric} change against FP32 below +{tol:.0%} "
+        f"(supported), above it (contradicted) or across it (undetermined)",
+    }
 
 
 def claims(qat: Mapping | None, ptq: Mapping | None, layers: Mapping, cascade: Mapping | None):
     """The paper's claims, each ``{"claim", "verdict", "evidence", "rule"}``, from the
-    score-level analyses (QAT and PTQ), the layer analyses and the cascade."""
+    score-level analyses (QAT and PTQ), the layer analyses and the cascade. A verdict is
+    "supported", "contradicted" or "undetermined" (the intervals allow both), decided
+    by the rule it states."""
     out = []
     for name, a in (("QAT", qat), ("PTQ", ptq)):
-        if a is None:
-            continue
-        k = a["knee"]["eer"]
-        d = a["knee"]["mean_abs_drift"]
-        ok = k["knee"] == 2 and d["knee"] == 2
-        out.append(
-            {
-                "claim": f"{name}: the EER and the score drift bend at 2 bits (the knee)",
-                "verdict": _verdict(ok),
-                "evidence": f"EER: {k['statement']}; mean |drift|: {d['statement']}",
-                "rule": "supported when Kneedle puts the knee of both curves at 2 bits",
-            }
-        )
-        two = a["per_precision"].get("2bit")
-        conc = None if two is None or two["concentration"] is None else two["concentration"]
-        share = None if conc is None else conc["harmful_share_nearest"]
-        out.append(
-            {
-                "claim": f"{name}: harmful 2-bit flips are concentrated near the FP32 threshold",
-                "verdict": _verdict(None if share is None else share >= NEAR_SHARE),
-                "evidence": "no 2-bit model or no harmful flip"
-                if share is None
-                else f"{share:.0%} of the {two['flips']['harmful']} harmful 2-bit flips lie "
-                f"among the 10% of trials nearest theta",
-                "rule": f"supported when that share is >= {NEAR_SHARE:.0%} (5x an even spread)",
-            }
-        )
+        if a is not None:
+            out += [_knee_claim(name, a), _flip_claim(name, a)]
     for name, la in layers.items():
         for width, a in la["widths"].items():
             c = a["correlation"]["drift"]
@@ -70,32 +165,11 @@ def claims(qat: Mapping | None, ptq: Mapping | None, layers: Mapping, cascade: M
                     "evidence": f"over {c['n']} layers, Spearman rho {_fmt(c['spearman'], '.2f')}"
                     f", R^2 {_fmt(c['r2'], '.2f')}; most sensitive: "
                     + ", ".join(p.removesuffix("/kernel") for p in a["ranking"][:3]),
-                    "rule": f"supported when R^2 of |drift| on distortion < {R2_EXPLAINED}",
+                    "rule": f"point estimate: R^2 of |drift| on distortion < {R2_EXPLAINED}",
                 }
             )
     if cascade is not None:
-        c = cascade["chosen"]
-        first = cascade["stages"][0]
-        fp32 = cascade["systems"][cascade["stages"][-1]]
-        if c is None:
-            ok, ev = False, "no tau keeps the metric within tolerance on the calibration trials"
-        else:
-            close = c["eer"] <= (1 + cascade["tolerance"]) * fp32["eer"]
-            ok = close and c["fractions"][0] > MOST_AT_FIRST
-            ev = (
-                f"test EER {c['eer']:.4f} vs {fp32['eer']:.4f} for FP32 alone; "
-                f"{c['fractions'][0]:.0%} of trials decided at {first}; relative bit-ops "
-                f"{c['rel_bitops']:.3f}, MACs {c['rel_macs']:.3f} of FP32 alone"
-            )
-        out.append(
-            {
-                "claim": f"the cascade keeps EER close to FP32 while most trials stop at {first}",
-                "verdict": _verdict(ok),
-                "evidence": ev,
-                "rule": f"supported when test EER <= (1 + {cascade['tolerance']:g}) x FP32's "
-                f"and > {MOST_AT_FIRST:.0%} of trials are decided at the first stage",
-            }
-        )
+        out.append(_cascade_claim(cascade))
     return out
 
 

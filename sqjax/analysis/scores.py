@@ -340,6 +340,8 @@ def score_analysis(
     threshold: str = "eer",
     p_target: float = 0.01,
     bits: Sequence[int] | None = None,
+    boot=None,
+    level: float = 0.95,
 ) -> dict:
     """The paper's score-level analysis of P precisions on the same T trials.
 
@@ -351,6 +353,9 @@ def score_analysis(
       fp32_index: the row of the FP32 reference.
       threshold: "eer" or "min_dcf" (at p_target): how theta is set on FP32 scores.
       bits: bit width of each row (FP32 as 32); read from the names when None.
+      boot: resamples of the trials (``uncertainty.bootstrap``), or None for point
+        estimates only.
+      level: the intervals' coverage.
 
     Returns:
       {"precisions", "bits", "fp32",
@@ -363,6 +368,13 @@ def score_analysis(
          "flips": ``flips`` at theta, "flips_own_threshold", "concentration":
            ``flip_concentration`` at theta (None when theta is +inf)}},
        "knee": {"eer", "min_dcf@0.01", "mean_abs_drift"}: ``knee`` of each against bits}.
+
+      With ``boot``, also: in each "metrics", ``m + "_ci"``, ``"delta_" + m`` (minus
+      FP32's), ``"delta_" + m + "_ci"``, ``"rel_delta_" + m`` and its ``_ci`` for every
+      metric m of ``uncertainty.compare``; per precision "flip_tests"
+      (``uncertainty.flip_tests`` at theta, None when theta is +inf); "knee_stability"
+      (``uncertainty.knee_stability`` of EER and mean |drift|); "uncertainty" (level,
+      method, the bootstrap's level and size).
     """
     s = np.asarray(scores, dtype=np.float64)
     names = list(precisions)
@@ -399,6 +411,25 @@ def score_analysis(
                 flip_concentration(s[p], ref, labels, theta) if np.isfinite(theta) else None
             ),
         }
+    extra = {}
+    if boot is not None:
+        from sqjax.analysis import uncertainty
+
+        cmp = uncertainty.compare(
+            s, labels, names, boot, llrs=lr, reference=fp32_index, level=level
+        )
+        for name in names:
+            per[name]["metrics"].update(cmp["systems"][name])
+            per[name]["flip_tests"] = (
+                uncertainty.flip_tests(s[names.index(name)], ref, labels, theta, boot, level=level)
+                if np.isfinite(theta)
+                else None
+            )
+        drift = uncertainty.drift_samples(boot, s, fp32_index)
+        extra["knee_stability"] = uncertainty.knee_stability(
+            bits, {"eer": cmp["samples"]["eer"], "mean_abs_drift": drift}
+        )
+        extra["uncertainty"] = {k: cmp[k] for k in ("level", "method", "bootstrap")}
     curves = {
         "eer": [per[n]["metrics"]["eer"] for n in names],
         "min_dcf@0.01": [per[n]["metrics"]["min_dcf@0.01"] for n in names],
@@ -411,4 +442,5 @@ def score_analysis(
         "theta": {"kind": threshold, "p_target": p_target, "value": _float(theta)},
         "per_precision": per,
         "knee": {key: knee(bits, vals) for key, vals in curves.items()},
+        **extra,
     }

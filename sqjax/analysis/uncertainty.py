@@ -125,9 +125,9 @@ def bootstrap(
     rng = np.random.default_rng(seed)
     t = y.size
     if level == "trial":
-        units = np.arange(t)
+        units = np.arange(t, dtype=np.int32)
         counts = _multinomial(rng, t, t, n_resamples)
-        return Bootstrap(level, counts, units, np.full(t, t))
+        return Bootstrap(level, counts, units, np.full(t, t, np.int32))
     if enroll_speakers is None or test_speakers is None:
         raise ValueError(
             "the speaker bootstrap needs enroll_speakers and test_speakers (one speaker per "
@@ -153,7 +153,7 @@ def bootstrap(
         )
     s = len(names)
     counts = _multinomial(rng, s, s, n_resamples)
-    return Bootstrap(level, counts, a, np.where(y, s, b))
+    return Bootstrap(level, counts, a.astype(np.int32), np.where(y, s, b).astype(np.int32))
 
 
 def _multinomial(rng, n_units: int, n_draws: int, n_resamples: int) -> np.ndarray:
@@ -189,42 +189,57 @@ def _class_totals(ext, a, b, y):  # pragma: no cover - compiled
     return n_tar, n_non
 
 
+_RB = 8  # resamples per pass over the trials: each trial is read once for all of them
+
+
 @numba.njit(parallel=True, cache=True)
 def _weighted_sweeps(ext, a, b, y, end, n_tar, n_non, p_targets, out):  # pragma: no cover
     """EER and minDCF of every resample's weighted DET sweep of one system, into
     ``out`` ``(R, 1 + len(p_targets))``. ``a, b, y, end`` are the trials in decreasing
     score order; ``end`` marks the last trial of each run of tied scores (the operating
     points). Conventions as ``metrics.eer`` and ``metrics.min_dcf``."""
-    n_p = p_targets.shape[0]
-    for r in numba.prange(ext.shape[0]):
-        nt, nn = n_tar[r], n_non[r]
-        if nt == 0 or nn == 0:
-            out[r, :] = np.nan
-            continue
-        best = p_targets.copy()  # the +inf point: reject all, DCF = p_target
-        tar = 0
-        tot = 0
-        fa0, d0, eer = 0.0, 1.0, np.nan  # the +inf point: p_fa 0, p_miss - p_fa = 1
+    n_r, n_p = ext.shape[0], p_targets.shape[0]
+    for blk in numba.prange((n_r + _RB - 1) // _RB):
+        r0 = blk * _RB
+        m = min(_RB, n_r - r0)
+        tar = np.zeros(_RB, np.int64)
+        tot = np.zeros(_RB, np.int64)
+        fa0 = np.zeros(_RB)  # the +inf point: p_fa 0, p_miss - p_fa = 1
+        d0 = np.ones(_RB)
+        eer = np.full(_RB, np.nan)
+        best = np.empty((_RB, n_p))  # the +inf point: reject all, DCF = p_target
+        for k in range(_RB):
+            best[k] = p_targets
         for i in range(a.shape[0]):
-            w = ext[r, a[i]] * ext[r, b[i]]
-            tot += w
-            if y[i]:
-                tar += w
-            if end[i]:
-                p_miss = 1.0 - tar / nt
-                p_fa = (tot - tar) / nn
-                d = p_miss - p_fa  # falls along the sweep; EER where it crosses 0
-                if np.isnan(eer):
+            ai, bi, yi = a[i], b[i], y[i]
+            for k in range(m):
+                w = ext[r0 + k, ai] * ext[r0 + k, bi]
+                tot[k] += w
+                if yi:
+                    tar[k] += w
+            if not end[i]:
+                continue
+            for k in range(m):
+                nt, nn = n_tar[r0 + k], n_non[r0 + k]
+                p_miss = 1.0 - tar[k] / nt
+                p_fa = (tot[k] - tar[k]) / nn
+                d = p_miss - p_fa  # falls along the sweep; the EER is where it crosses 0
+                if np.isnan(eer[k]):
                     if d < 0:
-                        eer = fa0 + d0 / (d0 - d) * (p_fa - fa0)
+                        eer[k] = fa0[k] + d0[k] / (d0[k] - d) * (p_fa - fa0[k])
                     else:
-                        fa0, d0 = p_fa, d
+                        fa0[k], d0[k] = p_fa, d
                 for j in range(n_p):
                     c = p_targets[j] * p_miss + (1.0 - p_targets[j]) * p_fa
-                    best[j] = min(best[j], c)
-        out[r, 0] = eer
-        for j in range(n_p):
-            out[r, 1 + j] = best[j] / min(p_targets[j], 1.0 - p_targets[j])
+                    best[k, j] = min(best[k, j], c)
+        for k in range(m):
+            r = r0 + k
+            if n_tar[r] == 0 or n_non[r] == 0:
+                out[r, :] = np.nan
+                continue
+            out[r, 0] = eer[k]
+            for j in range(n_p):
+                out[r, 1 + j] = best[k, j] / min(p_targets[j], 1.0 - p_targets[j])
 
 
 def _llr_columns(llrs: np.ndarray, y: np.ndarray, p_targets) -> np.ndarray:
@@ -504,6 +519,15 @@ def verdict_below(ci, bound: float = 0.0) -> str:
     return UNDETERMINED
 
 
+def verdict_above(ci, bound: float) -> str:
+    """Claim "the quantity is above ``bound``": supported when the whole interval lies
+    above it, contradicted when below it, undetermined when it contains it."""
+    lo, hi = ci
+    if lo is None or hi is None:
+        return UNDETERMINED
+    return verdict_below([-hi, -lo], -bound)
+
+
 def verdict_at_most(ci, tolerance: float) -> str:
     """Claim "at most ``tolerance`` worse" (non-inferiority): a relative increase of a
     metric whose 95% interval ends at or below the tolerance is supported; one whose
@@ -643,34 +667,52 @@ def flip_tests(
 # ----------------------------------------------------------------------------- the knee
 
 
-def knee_stability(bits: Sequence[int], samples, knee_fn=None) -> dict:
+def knee_stability(bits: Sequence[int], curves: Mapping[str, np.ndarray], knee_fn=None) -> dict:
     """How often each bit width is the knee across bootstrap resamples.
 
     Args:
-      bits: the P bit widths (FP32 as 32) of the columns of ``samples``.
-      samples: ``(R, P)`` a degradation metric (EER, mean |drift|) per resample.
+      bits: the P bit widths (FP32 as 32) of the columns of each curve.
+      curves: ``{name: (R, P)}`` degradation metrics (EER, mean |drift|) per resample;
+        resamples where any curve is NaN are dropped.
       knee_fn: ``(bits, values) -> {"knee": ...}``; ``analysis.scores.knee`` by default.
 
     Returns:
-      {"share": {str(width) or "none": fraction of the finite resamples}, "n": resamples
-      used}.
+      {name: {"share": {str(width) or "none": fraction of the resamples}}, "joint":
+      {str(width): fraction of resamples where every curve's knee is at that width},
+      "n": resamples used}.
     """
     if knee_fn is None:
         from sqjax.analysis.scores import knee as knee_fn
-    x = np.asarray(samples, np.float64)
-    if x.ndim != 2 or x.shape[1] != len(bits):
-        raise ValueError(f"samples must be (resamples, {len(bits)} bit widths), got {x.shape}")
-    x = x[np.isfinite(x).all(axis=1)]
-    found = {}
+    xs = {k: np.asarray(v, np.float64) for k, v in curves.items()}
+    for k, x in xs.items():
+        if x.ndim != 2 or x.shape[1] != len(bits):
+            raise ValueError(
+                f"curves[{k!r}] must be (resamples, {len(bits)} widths), got {x.shape}"
+            )
+    keep = np.logical_and.reduce([np.isfinite(x).all(axis=1) for x in xs.values()])
+    knees = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for row in x:  # Kneedle on 5-6 points per resample
-            k = knee_fn(bits, row)["knee"] if np.ptp(row) > 0 else None
-            key = "none" if k is None else str(int(k))
-            found[key] = found.get(key, 0) + 1
-    n = len(x)
-    order = sorted(found, key=lambda k: (k == "none", -int(k) if k != "none" else 0))
-    return {"share": {k: found[k] / n for k in order}, "n": n}
+        for k, x in xs.items():  # Kneedle on 5-6 points per resample
+            knees[k] = [
+                "none"
+                if np.ptp(row) == 0 or (kn := knee_fn(bits, row)["knee"]) is None
+                else str(int(kn))
+                for row in x[keep]
+            ]
+    n = int(keep.sum())
+
+    def shares(labels) -> dict:
+        found = {}
+        for lab in labels:
+            found[lab] = found.get(lab, 0) + 1
+        order = sorted(found, key=lambda w: (w == "none", -int(w) if w != "none" else 0))
+        return {w: found[w] / n for w in order}
+
+    out = {k: {"share": shares(v)} for k, v in knees.items()}
+    agree = [ks[0] for ks in zip(*knees.values()) if len(set(ks)) == 1 and ks[0] != "none"]
+    joint = {w: c * len(agree) / n for w, c in shares(agree).items()} if agree else {}
+    return {**out, "joint": joint, "n": n}
 
 
 def drift_samples(boot: Bootstrap, scores, reference: int = 0) -> np.ndarray:
