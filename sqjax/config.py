@@ -172,6 +172,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 32
     c.eval.max_frames = 3000  # longer utterances are embedded in chunks and averaged
     c.eval.baseline = False  # also score the raw-feature baseline
+    # Intervals of every comparison (sqjax.analysis.uncertainty). Ours: resample speakers
+    # (trials share speakers; "trial" resamples trials), 1,000 resamples, 95% percentile
+    # intervals; paired differences use the same resamples for every precision.
+    c.eval.bootstrap = ml_collections.ConfigDict(
+        {"unit": "speaker", "n_resamples": 1000, "level": 0.95, "seed": 0}
+    )
     return c
 
 

@@ -62,6 +62,16 @@ class Split:
     def n_speakers(self) -> int:
         return len(self.corpus.speaker_ids()[0])
 
+    def trial_speakers(self) -> tuple[np.ndarray, np.ndarray]:
+        """The speakers of the enrollment and the test side of each trial: two ``(T,)``."""
+        if self.trials is None:
+            raise ValueError("this split has no trial list")
+        spk = dict(zip(self.corpus.utts, self.corpus.speakers))
+        return (
+            np.array([spk[u] for u in self.trials.enroll]),
+            np.array([spk[u] for u in self.trials.test]),
+        )
+
 
 def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``config.data`` with the built-in corpus generated and its paths filled in."""
