@@ -130,11 +130,11 @@ def cmd_train(args, overrides) -> None:
 
 def cmd_qat(args, overrides) -> None:
     from sqjax import config as config_lib
-    from sqjax import study
+    from sqjax.experiments import qat_study
 
     config = config_lib.load_config(args.config, overrides)
     _init_distributed(config)
-    _print_table(study.quantization_study(config, args.workdir))
+    _print_table(qat_study.quantization_study(config, args.workdir))
 
 
 def _print_table(rows: dict) -> None:
@@ -193,47 +193,47 @@ def cmd_embed(args, overrides) -> None:
 
 def _precisions(args, default_bits):
     """``(config, {name: variables})`` of ``--study DIR`` or ``--workdir RUN --ptq BITS``."""
-    from sqjax import study
+    from sqjax.experiments import precisions
 
     if bool(args.study) == bool(args.workdir):
         raise ValueError("give --study DIR (a `sqjax qat` study) or --workdir FP32_RUN --ptq BITS")
     if args.study:
         if args.ptq:
             raise ValueError("--ptq goes with --workdir (an FP32 run), not with --study")
-        return study.study_precisions(args.study)
-    return study.ptq_precisions(args.workdir, args.ptq or default_bits)
+        return precisions.study_precisions(args.study)
+    return precisions.ptq_precisions(args.workdir, args.ptq or default_bits)
 
 
 def cmd_analyze(args, overrides) -> None:
-    from sqjax import study
+    from sqjax.experiments import analyze
 
     config, variables = _precisions(args, (8, 4, 3, 2, 1))
     out = Path(args.out or Path(args.study or args.workdir) / "analysis")
-    result = study.analyze(
+    result = analyze.analyze(
         config,
         variables,
         out,
         **_trials(args),
         threshold=args.threshold,
     )
-    print("\n" + study.format_analysis(result))
+    print("\n" + analyze.format_analysis(result))
     print(f"\nwrote {out}/scores.npz, score_analysis.json, figures/")
 
 
 def cmd_layers(args, overrides) -> None:
-    from sqjax import study
+    from sqjax.experiments import layers
 
     if bool(args.study) == bool(args.workdir):
         raise ValueError("give --study DIR (a `sqjax qat` study) or --workdir FP32_RUN")
     if args.study:
         if args.per_channel:
             raise ValueError("--per-channel goes with --workdir: QAT runs keep their codebooks")
-        config, jobs = study.study_layer_jobs(args.study, args.bits)
+        config, jobs = layers.study_layer_jobs(args.study, args.bits)
     else:
         pc = ("--config.quant.per_channel=True",) if args.per_channel else ()
-        config, jobs = study.ptq_layer_jobs(args.workdir, args.bits or (2,), args.protect, pc)
+        config, jobs = layers.ptq_layer_jobs(args.workdir, args.bits or (2,), args.protect, pc)
     out = Path(args.out or Path(args.study or args.workdir) / "layers")
-    result = study.analyze_layers(
+    result = layers.analyze_layers(
         config,
         jobs,
         out,
@@ -241,18 +241,18 @@ def cmd_layers(args, overrides) -> None:
         tolerance=args.tolerance,
         threshold=args.threshold,
     )
-    print(study.format_layers(result, top=args.top))
+    print(layers.format_layers(result, top=args.top))
     print(f"\nwrote {out}/layers.csv, layer_analysis.json, figures/")
 
 
 def cmd_grids(args, overrides) -> None:
     from sqjax import config as config_lib
-    from sqjax import study
+    from sqjax.experiments import grids
 
     if args.qat_config and not args.qat_bits:
         raise ValueError("--qat-config sets the QAT runs of --qat-bits: give --qat-bits too")
 
-    result = study.compare_grids(
+    result = grids.compare_grids(
         args.workdir,
         args.bits,
         args.out or None,
@@ -264,17 +264,17 @@ def cmd_grids(args, overrides) -> None:
         **_trials(args, cal=False),
     )
     out = Path(args.out or Path(args.workdir) / "grids")
-    print(study.format_grids(result))
+    print(grids.format_grids(result))
     print(f"\nwrote {out}/grids.csv, grids.json, figures/grids.png")
 
 
 def cmd_cascade(args, overrides) -> None:
-    from sqjax import study
+    from sqjax.experiments import cascade
 
     config, variables = _precisions(args, tuple(b for b in args.stages if b != 32))
     eta = args.eta if args.eta == "eer" else float(args.eta)
     out = Path(args.out or Path(args.study or args.workdir) / "cascade")
-    result = study.run_cascade(
+    result = cascade.run_cascade(
         config,
         variables,
         args.stages,
@@ -285,26 +285,26 @@ def cmd_cascade(args, overrides) -> None:
         eta=eta,
         cost=args.cost,
     )
-    print(study.format_cascade(result))
+    print(cascade.format_cascade(result))
     print(f"\nwrote {out}/cascade.json, cascade_curve.csv, figures/")
 
 
 def cmd_study(args, overrides) -> None:
     from sqjax import config as config_lib
-    from sqjax import study
+    from sqjax.experiments import report, study
 
     config = config_lib.load_config(args.config, overrides)
     _init_distributed(config)
     summary = study.run_study(config, args.workdir)
-    print("\n" + study.format_study(summary))
+    print("\n" + report.format_study(summary))
     print(f"\nreport: {Path(args.workdir) / 'report' / 'index.html'} (and report.md)")
 
 
 def cmd_report(args, overrides) -> None:
-    from sqjax import study
+    from sqjax.experiments import report
 
-    summary = study.write_report(args.dir)
-    print(study.format_study(summary))
+    summary = report.write_report(args.dir)
+    print(report.format_study(summary))
     print(f"\nwrote {Path(args.dir) / 'report'}/index.html, report.md, report.json")
 
 
