@@ -6,7 +6,7 @@
         --cpu-devices 1,2
 
 Encoders take ``train.conv_slice``'s CPU default (-1: kernel gradients by
-``sqjax.native``, else slices sized per layer) unless the spec sets ``conv_slice=N``.
+``sqjax.cpu.native``, else slices sized per layer) unless the spec sets ``conv_slice=N``.
 For each model and per-device batch size it times jitted ``train_step`` calls on random
 200-frame inputs (median warm step; compile time reported apart), with the batch
 sharded over every device. ``--qat-bits 2,8`` also times the QAT step (K-means

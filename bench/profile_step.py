@@ -9,9 +9,9 @@ with the JAX profiler and XLA:CPU's per-operation trace events, maps each event 
 operation in the compiled HLO, and sums the durations per step by kind:
 
     conv forward / conv input grad / conv kernel grad   convolutions (YNNPACK fusions,
-                                    XLA's own, or sqjax.native's kernel-gradient custom
+                                    XLA's own, or sqjax.cpu.native's kernel-gradient custom
                                     calls), split by the op's JAX name and output shape
-    winograd conv / direct conv     sqjax.native's 3x3 convolutions (with the BatchNorm
+    winograd conv / direct conv     sqjax.cpu.native's 3x3 convolutions (with the BatchNorm
                                     bias, residual and ReLU in inference)
     transpose / copy                layout changes XLA inserts (around kernel gradients)
     reduce                          reductions (BatchNorm statistics, pooling)
@@ -85,7 +85,7 @@ def _kind(name: str, instrs: dict, bodies: dict, kernel_shapes: set) -> str:
     m = re.search(r"calls=%([\w.\-]+)", rest)
     if m:
         body = bodies.get(m.group(1), "")
-    if opcode == "custom-call" and "sqjax_conv_kernel_grad" in rest:  # sqjax.native
+    if opcode == "custom-call" and "sqjax_conv_kernel_grad" in rest:  # sqjax.cpu.native
         return "conv kernel grad"
     if opcode == "custom-call" and "sqjax_conv3x3_winograd" in rest:
         return "winograd conv"

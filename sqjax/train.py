@@ -75,7 +75,7 @@ def build_encoder(config: ml_collections.ConfigDict) -> models.ResNet:
 
 def conv_slice(config: ml_collections.ConfigDict) -> int:
     """``config.train.conv_slice``, -1 resolved for the backend: on CPU, slices sized per
-    layer (``models.AUTO_SLICE``, see ``models.slice_examples``); elsewhere the whole batch
+    layer (``models.AUTO_SLICE``, see ``sqjax.cpu.slice_examples``); elsewhere the whole batch
     (the slices are an XLA:CPU workaround, unmeasured there)."""
     s = config.train.conv_slice
     return s if s >= 0 else (models.AUTO_SLICE if jax.default_backend() == "cpu" else 0)
