@@ -46,9 +46,10 @@ def _set_cpu_devices(n: int) -> None:
 # batch 32), and glibc's malloc backs them with 4 KiB pages, each faulted in on first touch:
 # some 220k page faults per demo training step. With transparent huge pages in "madvise"
 # mode, glibc >= 2.35 asks for 2 MiB pages when told to (GLIBC_TUNABLES, read only when a
-# process starts), so the command re-runs itself once with it. README "Speed on a CPU": the
-# demo's training ran 1.26x faster; a step right after seconds of idle can run slower (up to
-# 2x on a VM with a memory balloon). SQJAX_HUGEPAGES=0: never.
+# process starts), so with SQJAX_HUGEPAGES=1 the command re-runs itself once with it. README
+# "Speed on a CPU": the demo's training ran 1.26x faster; a step right after seconds of idle
+# can run slower (up to 2x on a VM with a memory balloon). Opt-in: a command that replaces
+# its own process (os.execve) surprises debuggers, profilers and wrappers.
 _HUGEPAGES = "glibc.malloc.hugetlb=1"
 _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -56,13 +57,14 @@ _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 def _hugepage_env(
     environ: dict, thp_mode: str | None = None, libc: str | None = None
 ) -> dict | None:
-    """The environment to run a command with huge pages in, or None: already asked for,
-    turned off (``SQJAX_HUGEPAGES=0``), not glibc 2.35 or later (``libc``, as
+    """The environment to run a command with huge pages in, or None: not asked for
+    (``SQJAX_HUGEPAGES=1``), already set up (``glibc.malloc.hugetlb`` in ``GLIBC_TUNABLES``,
+    also what stops a second re-run), not glibc 2.35 or later (``libc``, as
     ``os.confstr("CS_GNU_LIBC_VERSION")``), or THP not in madvise mode (``thp_mode``, the
     kernel's ``transparent_hugepage/enabled``: in "always" mode large buffers get them
     anyway, in "never" not at all). ``thp_mode`` and ``libc`` default to this machine's."""
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables or environ.get("SQJAX_HUGEPAGES") == "0":
+    if "glibc.malloc.hugetlb" in tunables or environ.get("SQJAX_HUGEPAGES") != "1":
         return None
     try:
         libc = (os.confstr("CS_GNU_LIBC_VERSION") or "") if libc is None else libc
@@ -80,7 +82,8 @@ def _hugepage_env(
 
 
 def _rerun_with_hugepages() -> None:
-    """Replace this process by the same command in ``_hugepage_env``, where it applies."""
+    """Replace this process by the same command in ``_hugepage_env``, where it applies
+    (only with ``SQJAX_HUGEPAGES=1``; otherwise a no-op)."""
     env = _hugepage_env(dict(os.environ))
     if env is not None:
         sys.stdout.flush()
@@ -552,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    if argv is None:  # a command of its own (not called from Python): huge pages first
+    if argv is None:  # a command of its own (not called from Python): huge pages if asked
         _rerun_with_hugepages()
     args, rest = build_parser().parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
