@@ -75,6 +75,28 @@ def test_command_reruns_itself_with_huge_pages_only_when_asked(opt_in, tmp_path)
     assert run.returncode == 2 and str(missing) in run.stderr, run.stderr
 
 
+@pytest.mark.parametrize("argv", [None, ["--help"], ["train", "--bogus"], ["eval", "--step", "x"]])
+def test_the_command_line_answers_without_importing_jax(argv):
+    """``import sqjax.cli``, ``sqjax --help`` and argument errors import no JAX (nor the
+    modules that do): ``sqjax`` is lazy and each command imports its modules when it runs,
+    so they answer in a fraction of a second."""
+    code = [
+        "import sys",
+        "import sqjax.cli",
+        f"argv = {argv!r}",
+        "try:",
+        "    argv is None or sqjax.cli.main(argv)",
+        "except SystemExit:",
+        "    pass",
+        "heavy = [m for m in ('jax', 'flax', 'numpy', 'sqjax.models') if m in sys.modules]",
+        "print('imported:', heavy, file=sys.stderr)",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-c", "\n".join(code)], capture_output=True, text=True, check=False
+    )
+    assert run.stderr.splitlines()[-1] == "imported: []", run.stderr
+
+
 def test_unknown_argument_is_an_error(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--config", "x.py", "--workdir", "w", "--bogus"])
