@@ -46,7 +46,7 @@ def bench_analysis(n_trials: int, n_taus: int, repeats: int) -> None:
 
 
 def bench_deployment(workdir: str, repeats: int) -> None:
-    from sqjax import evaluate, prepare, train
+    from sqjax import builders, evaluate, prepare
     from sqjax.analysis import calibration, cascade
     from sqjax.experiments import precisions
 
@@ -58,7 +58,7 @@ def bench_deployment(workdir: str, repeats: int) -> None:
     s_cal = precisions.all_precision_scores(config, stage_vars, cal_split)
     cal = calibration.calibrate(s_cal, cal_split.trials.labels)
     eta = 0.0
-    embed = evaluate.jitted_embed(train.build_encoder(config))
+    embed = evaluate.jitted_embed(builders.build_encoder(config))
     kw = {"batch_size": config.eval.batch_size, "max_frames": config.eval.max_frames}
     feats = split.feats
 

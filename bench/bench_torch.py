@@ -11,7 +11,7 @@ the inference forward pass (PyTorch in ``inference_mode``; sqjax's ``jitted_embe
 ``--embed-frames`` frames. The sides take turns in two rounds of consecutive steps (each
 round's first step untimed), so all see the same machine load; the table gives medians
 of warm steps and the ratio sqjax/PyTorch in examples/s (above 1: sqjax is faster). ``--conv-slice`` times sqjax once per value of
-``train.conv_slice`` (examples per kernel-gradient slice; 0: the whole batch; -1: sized
+``builders.conv_slice`` (examples per kernel-gradient slice; 0: the whole batch; -1: sized
 per layer, the CPU default) and of ``--native`` (1: float32 kernel gradients by
 ``sqjax.cpu.native``'s C++ kernel, the CPU default where a compiler is found; 0: the slices)
 and of ``--phased`` (1: strided convolutions' input gradients from stride-1 convolutions,
@@ -138,10 +138,10 @@ class _JaxTrain:
     def __init__(self, encoder, head, tx, x, y, n_frames):
         import jax
 
-        from sqjax import models, train
+        from sqjax import builders, models, train
 
         replicated, batch = _shardings()
-        state = train.create_train_state(jax.random.key(0), encoder, head, tx, n_frames)
+        state = builders.create_train_state(jax.random.key(0), encoder, head, tx, n_frames)
         self.state = jax.device_put(state, replicated)
         step = functools.partial(
             train.train_step, encoder=encoder, head=head, tx=tx, margin=0.2, margin_warmup_steps=0

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sqjax import evaluate, models, train
+from sqjax import builders, evaluate, models, train
 
 # "  %name = f32[8,3,3,8]{3,2,1,0} fusion(...)" or a tuple "(f32[...]{...}, ...) fusion(...)"
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\([^=]*?\)|\S+) ([\w-]+)\((.*)$")
@@ -157,7 +157,7 @@ def main():
     encoder = models.build_encoder(a.model, conv_slice=a.conv_slice, **over)
     head = models.AAMSoftmax(num_classes=1000)
     tx = optax.sgd(0.01, momentum=0.9, nesterov=True)
-    state = train.create_train_state(jax.random.key(0), encoder, head, tx, a.n_frames)
+    state = builders.create_train_state(jax.random.key(0), encoder, head, tx, a.n_frames)
     kernel_shapes = {tuple(k.shape) for k in jax.tree.leaves(state.params) if k.ndim == 4}
     kernel_shapes |= {(s[2], s[0], s[1], s[3]) for s in list(kernel_shapes)}
     rng = np.random.default_rng(0)

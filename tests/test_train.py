@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from sqjax import metrics, models, prepare, runs, train, workdir
+from sqjax import builders, metrics, models, prepare, runs, train, workdir
 from sqjax.experiments import qat_study
 
 
@@ -43,7 +43,7 @@ def test_microbatches_equal_full_batch_when_chunks_are_identical():
     encoder = models.build_encoder("resnet_tiny", embed_dim=8)
     head = models.AAMSoftmax(num_classes=3, scale=8.0)
     tx = optax.sgd(0.1)
-    state = train.create_train_state(jax.random.key(0), encoder, head, tx, 40)
+    state = builders.create_train_state(jax.random.key(0), encoder, head, tx, 40)
     rng = np.random.default_rng(0)
     small = {
         "feats": jnp.asarray(rng.normal(size=(4, 40, 80)), jnp.float32),

@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sqjax import evaluate, fileio, metrics, models, prepare, quant, train, uniform
+from sqjax import builders, evaluate, fileio, metrics, models, prepare, quant, uniform
 from sqjax.experiments.precisions import all_precision_scores, with_data
 from sqjax.tables import format_table
 from sqjax.workdir import atomic_write, write_json
@@ -30,13 +30,13 @@ def stage_names(stages: Sequence[int]) -> list[str]:
 
 def model_bytes(config, variables: dict, bits: int | None) -> int:
     """Packed storage of one model: quantized leaves as indices + codebooks, or a uniform
-    grid's scales and zero points (the rules and method of ``train.build_quantizer`` at
+    grid's scales and zero points (the rules and method of ``builders.build_quantizer`` at
     ``bits``), everything else (BatchNorm too) float32."""
     total = 32 * sum(np.size(x) for x in jax.tree.leaves(variables.get("batch_stats", {})))
     if bits is None:
         total += 32 * sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
     else:
-        rules = train.build_quantizer(config, bits).rules
+        rules = builders.build_quantizer(config, bits).rules
         q = config.quant
         group = uniform.group_bits(q.symmetric) if q.get("method") == "uniform" else None
         for p in quant.plan(variables["params"], rules):
@@ -95,7 +95,7 @@ def run_cascade(
     s = all_precision_scores(config, stage_vars, split)
 
     # Cost of one embedding at each stage.
-    encoder = train.build_encoder(config)
+    encoder = builders.build_encoder(config)
     frames = int(np.clip(np.mean([len(f) for f in split.raw_feats]), 1, config.eval.max_frames))
     macs = models.encoder_macs(encoder, frames)
     wbits = np.array([32 if n == "fp32" else int(n.removesuffix("bit")) for n in names])
@@ -184,7 +184,7 @@ def _deploy_check(config, stage_vars, split, cal, eta_value, taus, analysis_stag
 
     from sqjax.analysis import cascade
 
-    embed = evaluate.jitted_embed(train.build_encoder(config))
+    embed = evaluate.jitted_embed(builders.build_encoder(config))
     feats = split.feats
     kw = {"batch_size": config.eval.batch_size, "max_frames": config.eval.max_frames}
 

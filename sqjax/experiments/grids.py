@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sqjax import evaluate, fileio, metrics, prepare, runs, train
+from sqjax import builders, evaluate, fileio, metrics, prepare, runs
 from sqjax.experiments import qat_study
 from sqjax.experiments.precisions import all_precision_scores, with_data
 from sqjax.tables import csv_text, format_table
@@ -27,9 +27,9 @@ def grid_label(method: str, per_channel: bool) -> str:
 
 
 def _deployed_distortion(rules_config, bits: int, fp32: dict, deployed: dict) -> float:
-    """sum ||W - Q||^2 / sum ||W||^2 over the kernels ``train.build_quantizer`` quantizes:
+    """sum ||W - Q||^2 / sum ||W||^2 over the kernels ``builders.build_quantizer`` quantizes:
     W the FP32 weights, Q the deployed (quantized) ones."""
-    plans = train.build_quantizer(rules_config, bits).plan(fp32["params"])
+    plans = builders.build_quantizer(rules_config, bits).plan(fp32["params"])
     w = jax.tree.leaves(fp32["params"])
     q = jax.tree.leaves(deployed["params"])
     err = sig = 0.0
@@ -95,7 +95,7 @@ def compare_grids(
         c.quant.method, c.quant.per_channel = method, per_channel
         c.quant.symmetric, c.quant.scale, c.quant.learn_scale = symmetric, scale, False
         for b in sorted(bits_list):
-            q = train.build_quantizer(c, b)
+            q = builders.build_quantizer(c, b)
             qstate = q.init(params)
             name = f"ptq {grid_label(method, per_channel)} {b}bit"
             models_[name] = {**fp32, "params": q.apply(params, qstate)}

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sqjax import evaluate, fileio, metrics, models, prepare, quant, runs, train
+from sqjax import builders, evaluate, fileio, metrics, models, prepare, quant, runs
 from sqjax.experiments.precisions import bits_of_run, with_data
 from sqjax.tables import csv_text, format_table
 from sqjax.workdir import atomic_write, write_json
@@ -57,7 +57,7 @@ def ptq_layer_jobs(workdir: str | Path, bits_list, protect_bits=(4, 8), override
             reference,
             ptq(b),
             {h: ptq(h) for h in protect_bits if h > b},
-            train.build_quantizer(config, b).rules,
+            builders.build_quantizer(config, b).rules,
         )
         for b in bits_list
     ]
@@ -101,7 +101,7 @@ def _variant_scores(config, bank, choices, split, label) -> np.ndarray:
         split.feats,
         batch_size=config.eval.batch_size,
         max_frames=config.eval.max_frames,
-        segments=models.encoder_segments(train.build_encoder(config)),
+        segments=models.encoder_segments(builders.build_encoder(config)),
         label=label,
     )
     enroll, test = evaluate.trial_indices(split.corpus.utts, split.trials.enroll, split.trials.test)
@@ -255,7 +255,7 @@ def analyze_layers(
     config = with_data(config, data, trials, cal_data, cal_trials)
     split = prepare.test_data(config)
     cal_split = None
-    encoder = train.build_encoder(config)
+    encoder = builders.build_encoder(config)
     macs = models.encoder_macs_by_layer(encoder, config.train.n_frames)
     result = {"widths": {}, "suggestions": {}, "macs_frames": config.train.n_frames}
     for job in jobs:

@@ -8,7 +8,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from sqjax import evaluate, prepare, quant, runs, train
+from sqjax import builders, evaluate, prepare, quant, runs
 from sqjax.workdir import load_run_config
 
 
@@ -55,7 +55,7 @@ def all_precision_scores(config, variables: dict, split: prepare.Split) -> np.nd
     batched embedding pass over the stacked models."""
     stacked = quant.stack_precisions(list(variables.values()))
     emb = evaluate.extract_embeddings_all(
-        evaluate.precision_embed(train.build_encoder(config)),
+        evaluate.precision_embed(builders.build_encoder(config)),
         stacked,
         split.feats,
         batch_size=config.eval.batch_size,

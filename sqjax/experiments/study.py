@@ -9,7 +9,7 @@ from pathlib import Path
 
 import ml_collections
 
-from sqjax import evaluate, fileio, models, runs, train
+from sqjax import builders, evaluate, fileio, models, runs
 from sqjax.experiments import analyze, cascade, layers, precisions, report
 from sqjax.experiments.qat_study import qat_run_config
 from sqjax.workdir import write_json
@@ -125,7 +125,7 @@ def _study_info(config, fp32_dir: Path, bits_list) -> dict:
     """What the report needs besides the analyses' files: setup facts and model sizes."""
     _, state, _ = runs.restore_run(fp32_dir)
     variables = evaluate.encoder_variables(state)
-    encoder = train.build_encoder(config)
+    encoder = builders.build_encoder(config)
     sizes = {"fp32": cascade.model_bytes(config, variables, None)}
     sizes.update({f"{b}bit": cascade.model_bytes(config, variables, b) for b in bits_list})
     return {
