@@ -46,18 +46,19 @@ def bench_analysis(n_trials: int, n_taus: int, repeats: int) -> None:
 
 
 def bench_deployment(workdir: str, repeats: int) -> None:
-    from sqjax import evaluate, prepare, study, train
+    from sqjax import builders, evaluate, prepare
     from sqjax.analysis import calibration, cascade
+    from sqjax.experiments import precisions
 
-    config, variables = study.ptq_precisions(workdir, (2, 4, 8))
+    config, variables = precisions.ptq_precisions(workdir, (2, 4, 8))
     names = ["2bit", "4bit", "8bit", "fp32"]
     split = prepare.test_data(config)
     cal_split = prepare.calibration_data(config) or split
     stage_vars = {n: variables[n] for n in names}
-    s_cal = study.all_precision_scores(config, stage_vars, cal_split)
+    s_cal = precisions.all_precision_scores(config, stage_vars, cal_split)
     cal = calibration.calibrate(s_cal, cal_split.trials.labels)
     eta = 0.0
-    embed = evaluate.jitted_embed(train.build_encoder(config))
+    embed = evaluate.jitted_embed(builders.build_encoder(config))
     kw = {"batch_size": config.eval.batch_size, "max_frames": config.eval.max_frames}
     feats = split.feats
 
@@ -68,7 +69,7 @@ def bench_deployment(workdir: str, repeats: int) -> None:
     enroll, test = evaluate.trial_indices(split.corpus.utts, split.trials.enroll, split.trials.test)
     everyone = np.unique(np.concatenate([enroll, test]))
     fns[-1](everyone)  # compile every length rung
-    s2 = study.all_precision_scores(config, {"2bit": stage_vars["2bit"]}, split)[0]
+    s2 = precisions.all_precision_scores(config, {"2bit": stage_vars["2bit"]}, split)[0]
     margin = np.sort(np.abs(cal.a[0] * s2.astype(np.float64) + cal.b[0] - eta))
     fp32 = statistics.median(_time(lambda: fns[-1](everyone)) for _ in range(repeats))
     print(f"\ndeployment path, {workdir}: {len(enroll)} trials, {len(everyone)} utterances")

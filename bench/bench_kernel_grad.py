@@ -1,6 +1,6 @@
-"""sqjax's convolution kernels on XLA:CPU, per layer: sqjax.native's C++ kernel gradient
-against XLA's lowering, over the whole batch and over slices (``models.sliced_conv``);
-strided convolutions' input gradients by ``models.strided_input_grad`` against XLA's; 3x3
+"""sqjax's convolution kernels on XLA:CPU, per layer: sqjax.cpu.native's C++ kernel gradient
+against XLA's lowering, over the whole batch and over slices (``sqjax.cpu.sliced_conv``);
+strided convolutions' input gradients by ``sqjax.cpu.strided_input_grad`` against XLA's; 3x3
 convolutions with a bias, a residual and a ReLU (a residual block's end in inference) by
 ``native.conv3x3``'s direct kernel and Winograd against XLA's (Eigen, then a fusion).
 
@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sqjax import models, native
+from sqjax import cpu, models
+from sqjax.cpu import native
 
 SHAPES = "32x80x200x8,8x80x200x16,32x40x100x16,8x80x200x32,8x40x100x64,8x20x50x128,8x10x25x256"
 DN = ("NHWC", "HWIO", "NHWC")
@@ -39,7 +40,7 @@ def _xla(x, dy, w):
 
 
 def _sliced(x, dy, w):
-    conv = lambda w: models.sliced_conv(models.AUTO_SLICE)(x, w, (1, 1), PAD, dimension_numbers=DN)
+    conv = lambda w: cpu.sliced_conv(cpu.AUTO_SLICE)(x, w, (1, 1), PAD, dimension_numbers=DN)
     return jax.vjp(conv, w)[1](dy)[0]
 
 
@@ -63,7 +64,7 @@ def _strided_pair(x_shape: tuple, pad) -> tuple:
     conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 2), pad, dimension_numbers=DN)
     x = jnp.zeros(x_shape)
     xla = lambda dy, w: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]
-    phased = lambda dy, w: models.strided_input_grad(dy, w, x_shape[1:3], (2, 2), pad)
+    phased = lambda dy, w: cpu.strided_input_grad(dy, w, x_shape[1:3], (2, 2), pad)
     # compiled as training steps are (models.training_compiler_options)
     options = models.training_compiler_options(models.build_encoder("resnet_tiny", conv_slice=-1))
     xla, phased = (jax.jit(f, compiler_options=options or None) for f in (xla, phased))
@@ -140,7 +141,9 @@ def main():
     p.add_argument("--steps", type=int, default=7)
     a = p.parse_args()
     if not native.available():
-        raise SystemExit("sqjax.native is not built here (no C++ compiler?): nothing to compare")
+        raise SystemExit(
+            "sqjax.cpu.native is not built here (no C++ compiler?): nothing to compare"
+        )
     print(f"# jax {jax.__version__} ({jax.default_backend()}); ms per call, median of {a.steps}")
     print(
         f"{'shape':>18} {'xla batch':>9} {'slices':>7} {'native':>7} {'GFLOP/s':>7} {'vs slices':>9}"

@@ -151,7 +151,7 @@ def bench(a: argparse.Namespace) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from sqjax import evaluate, models, train
+    from sqjax import builders, evaluate, models, train
     from sqjax.config import default_config
 
     backend = jax.default_backend()
@@ -171,7 +171,11 @@ def bench(a: argparse.Namespace) -> dict:
     c.train.conv_slice, c.train.microbatches = a.conv_slice, a.microbatches
     c.data.input = a.input
     c.data.augment.p_noise = c.data.augment.p_reverb = a.augment
-    encoder, head, tx = train.build_encoder(c), train.build_head(c), train.make_optimizer(c)
+    encoder, head, tx = (
+        builders.build_encoder(c),
+        builders.build_head(c),
+        builders.make_optimizer(c),
+    )
     b = c.train.batch_size
 
     rng = np.random.default_rng(0)
@@ -186,7 +190,7 @@ def bench(a: argparse.Namespace) -> dict:
         wave = (0.1 * rng.normal(size=(b, n_samples))).astype(np.float32)
         batch = {"wave": put(wave), "labels": put(labels)}
     banks = jax.device_put(banks, rep)
-    create = lambda key: train.create_train_state(key, encoder, head, tx, a.frames)
+    create = lambda key: builders.create_train_state(key, encoder, head, tx, a.frames)
     state = jax.jit(create, out_shardings=rep)(jax.random.key(0))
 
     step = jax.jit(

@@ -11,21 +11,21 @@ the inference forward pass (PyTorch in ``inference_mode``; sqjax's ``jitted_embe
 ``--embed-frames`` frames. The sides take turns in two rounds of consecutive steps (each
 round's first step untimed), so all see the same machine load; the table gives medians
 of warm steps and the ratio sqjax/PyTorch in examples/s (above 1: sqjax is faster). ``--conv-slice`` times sqjax once per value of
-``train.conv_slice`` (examples per kernel-gradient slice; 0: the whole batch; -1: sized
+``builders.conv_slice`` (examples per kernel-gradient slice; 0: the whole batch; -1: sized
 per layer, the CPU default) and of ``--native`` (1: float32 kernel gradients by
-``sqjax.native``'s C++ kernel, the CPU default where a compiler is found; 0: the slices)
+``sqjax.cpu.native``'s C++ kernel, the CPU default where a compiler is found; 0: the slices)
 and of ``--phased`` (1: strided convolutions' input gradients from stride-1 convolutions,
-``models.strided_input_grad``, the CPU default; 0: XLA's);
+``sqjax.cpu.strided_input_grad``, the CPU default; 0: XLA's);
 the step is compiled with ``models.training_compiler_options``, as ``train.train`` does.
 ``--winograd`` (3x3 stride-1 convolutions by Winograd, ``native.conv3x3``, in the forward
-pass and the input gradient, of at least N channels: 1 for ``models.WINOGRAD_CHANNELS``,
+pass and the input gradient, of at least N channels: 1 for ``sqjax.cpu.conv.WINOGRAD_CHANNELS``,
 the CPU default, or N; 0: none; in fused inference, 1 stands for
-``models.WINOGRAD_INFERENCE_CHANNELS``). Embedding is timed with XLA's default options (a plain
+``sqjax.cpu.fused.WINOGRAD_INFERENCE_CHANNELS``). Embedding is timed with XLA's default options (a plain
 ``jax.jit``; sqjax's Winograd defaults), then as sqjax compiles it (``evaluate.jitted_embed``, with
 ``models.inference_compiler_options``) once per ``--winograd`` value (in inference too,
-``models.WINOGRAD_INFERENCE``) and ``--fused`` value (1: each convolution with its
-BatchNorm, residual and ReLU as one op, ``models.conv_bn``, the CPU default; 0: Flax's
-layers, ``models.FUSED_INFERENCE``).
+``sqjax.cpu.conv.WINOGRAD_INFERENCE``) and ``--fused`` value (1: each convolution with its
+BatchNorm, residual and ReLU as one op, ``sqjax.cpu.conv_bn``, the CPU default; 0: Flax's
+layers, ``sqjax.cpu.fused.FUSED_INFERENCE``).
 ``--cpu-devices 2`` runs sqjax data parallel over two simulated CPU devices (one per
 core; the batch sharded over them, as ``sqjax --cpu-devices 2 train`` and sharded
 evaluation do); PyTorch keeps its threads.
@@ -138,10 +138,10 @@ class _JaxTrain:
     def __init__(self, encoder, head, tx, x, y, n_frames):
         import jax
 
-        from sqjax import models, train
+        from sqjax import builders, models, train
 
         replicated, batch = _shardings()
-        state = train.create_train_state(jax.random.key(0), encoder, head, tx, n_frames)
+        state = builders.create_train_state(jax.random.key(0), encoder, head, tx, n_frames)
         self.state = jax.device_put(state, replicated)
         step = functools.partial(
             train.train_step, encoder=encoder, head=head, tx=tx, margin=0.2, margin_warmup_steps=0
@@ -168,11 +168,14 @@ def run(a) -> None:
     import optax
     import torch
 
-    from sqjax import evaluate, models, native
+    from sqjax import evaluate, models
+    from sqjax.cpu import conv as cpu_conv
+    from sqjax.cpu import fused as cpu_fused
+    from sqjax.cpu import native
 
-    defaults = models.WINOGRAD_CHANNELS, models.WINOGRAD_INFERENCE, models.FUSED_INFERENCE
-    default_inference_channels = models.WINOGRAD_INFERENCE_CHANNELS
-    default_tile = models.WINOGRAD_TILE
+    defaults = cpu_conv.WINOGRAD_CHANNELS, cpu_conv.WINOGRAD_INFERENCE, cpu_fused.FUSED_INFERENCE
+    default_inference_channels = cpu_fused.WINOGRAD_INFERENCE_CHANNELS
+    default_tile = cpu_conv.WINOGRAD_TILE
     a.tile = a.tile or str(default_tile)
     native_env = os.environ.get("SQJAX_NATIVE")
 
@@ -211,9 +214,9 @@ def run(a) -> None:
                 if use_native == "1" and not examples:
                     continue  # conv_slice 0: XLA's kernel gradients either way
                 os.environ["SQJAX_NATIVE"] = use_native  # read when the step is traced
-                models.PHASED_INPUT_GRADS = phased == "1"  # also
-                models.WINOGRAD_CHANNELS = winograd_channels(winograd)
-                models.WINOGRAD_TILE = tile
+                cpu_conv.PHASED_INPUT_GRADS = phased == "1"  # also
+                cpu_conv.WINOGRAD_CHANNELS = winograd_channels(winograd)
+                cpu_conv.WINOGRAD_TILE = tile
                 enc = models.build_encoder(name, conv_slice=examples)
                 ours_fn = _JaxTrain(enc, head, tx, x, y, a.n_frames)
                 ours, theirs = _alternate(ours_fn, theirs_fn, steps=a.steps)
@@ -240,25 +243,29 @@ def run(a) -> None:
             )
             # a new function each time: jax reuses a function's trace
             apply = lambda enc=encoder: functools.partial(enc.apply, train=False)
-            models.WINOGRAD_CHANNELS, models.WINOGRAD_INFERENCE, models.FUSED_INFERENCE = defaults
+            cpu_conv.WINOGRAD_CHANNELS, cpu_conv.WINOGRAD_INFERENCE, cpu_fused.FUSED_INFERENCE = (
+                defaults
+            )
             compiled = {"xla default": jax.jit(apply()).lower(*args).compile()}  # XLA's options
             for fused, winograd, tile in itertools.product(
                 a.fused.split(","), a.winograd.split(","), (int(t) for t in a.tile.split(","))
             ):
-                models.FUSED_INFERENCE = fused == "1"  # read when traced
-                models.WINOGRAD_INFERENCE = winograd != "0"
-                models.WINOGRAD_CHANNELS = winograd_channels(winograd)
-                models.WINOGRAD_INFERENCE_CHANNELS = (  # what conv_bn reads
+                cpu_fused.FUSED_INFERENCE = fused == "1"  # read when traced
+                cpu_conv.WINOGRAD_INFERENCE = winograd != "0"
+                cpu_conv.WINOGRAD_CHANNELS = winograd_channels(winograd)
+                cpu_fused.WINOGRAD_INFERENCE_CHANNELS = (  # what conv_bn reads
                     default_inference_channels if winograd == "1" else winograd_channels(winograd)
                 )
-                models.WINOGRAD_TILE = tile
+                cpu_conv.WINOGRAD_TILE = tile
                 variant = {"0": "sqjax, no wino", "1": "sqjax"}.get(winograd, f"wino {winograd}")
                 variant += "" if fused == "1" else ", unfused"
                 variant += "" if tile == default_tile or winograd == "0" else f", tile {tile}"
                 compiled[variant] = models.jit_inference(apply()).lower(*args).compile()
-            models.WINOGRAD_CHANNELS, models.WINOGRAD_INFERENCE, models.FUSED_INFERENCE = defaults
-            models.WINOGRAD_INFERENCE_CHANNELS = default_inference_channels
-            models.WINOGRAD_TILE = default_tile
+            cpu_conv.WINOGRAD_CHANNELS, cpu_conv.WINOGRAD_INFERENCE, cpu_fused.FUSED_INFERENCE = (
+                defaults
+            )
+            cpu_fused.WINOGRAD_INFERENCE_CHANNELS = default_inference_channels
+            cpu_conv.WINOGRAD_TILE = default_tile
             *ours, theirs = _alternate(
                 *(functools.partial(_jax_embed, c, *args) for c in compiled.values()),
                 functools.partial(_torch_embed, net, torch.from_numpy(xe)),
@@ -301,7 +308,7 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
     p.add_argument("--conv-slice", default="-1", help="sqjax conv_slice values (-1: per layer)")
     p.add_argument(
-        "--native", default="1,0", help="1: kernel gradients by sqjax.native; 0: the slices"
+        "--native", default="1,0", help="1: kernel gradients by sqjax.cpu.native; 0: the slices"
     )
     p.add_argument(
         "--phased",
@@ -311,14 +318,14 @@ def main():
     p.add_argument(
         "--winograd",
         default="1",
-        help="3x3 convolutions by Winograd from 1: models.WINOGRAD_CHANNELS channels (the "
+        help="3x3 convolutions by Winograd from 1: sqjax.cpu.conv.WINOGRAD_CHANNELS channels (the "
         "default), N: N channels; 0: none",
     )
     p.add_argument(
         "--tile",
         default=None,
         help="Winograd's output tiles: 2 (F(2x2, 3x3)), 4 (F(4x4, 3x3)); default: "
-        "models.WINOGRAD_TILE",
+        "sqjax.cpu.conv.WINOGRAD_TILE",
     )
     p.add_argument(
         "--fused",

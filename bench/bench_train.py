@@ -5,8 +5,8 @@
     python bench/bench_train.py --models resnet_demo,resnet_demo:width=8 --batches 8,16,32 \
         --cpu-devices 1,2
 
-Encoders take ``train.conv_slice``'s CPU default (-1: kernel gradients by
-``sqjax.native``, else slices sized per layer) unless the spec sets ``conv_slice=N``.
+Encoders take ``builders.conv_slice``'s CPU default (-1: kernel gradients by
+``sqjax.cpu.native``, else slices sized per layer) unless the spec sets ``conv_slice=N``.
 For each model and per-device batch size it times jitted ``train_step`` calls on random
 200-frame inputs (median warm step; compile time reported apart), with the batch
 sharded over every device. ``--qat-bits 2,8`` also times the QAT step (K-means
@@ -35,7 +35,7 @@ def bench(models_, batches, steps, microbatches, n_frames, n_classes, qat_bits, 
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from sqjax import models, quant, train
+    from sqjax import builders, models, quant, train
 
     mesh = train.make_mesh()
     n_dev = mesh.devices.size
@@ -48,7 +48,7 @@ def bench(models_, batches, steps, microbatches, n_frames, n_classes, qat_bits, 
     for spec in models_:
         # "resnet_demo:width=8:embed_dim=128" = a preset with overrides
         name, *kv = spec.split(":")
-        # train.conv_slice's CPU default (the native kernel gradients) unless the spec sets it
+        # builders.conv_slice's CPU default (the native kernel gradients) unless the spec sets it
         over = {"conv_slice": models.AUTO_SLICE if jax.default_backend() == "cpu" else 0}
         over.update({k: int(v) for k, v in (x.split("=") for x in kv)})
         encoder = models.build_encoder(name, **over)
@@ -67,7 +67,7 @@ def bench(models_, batches, steps, microbatches, n_frames, n_classes, qat_bits, 
             fp32_dt = None
             variants = [(0, o) for o in xla_options] + [(b, xla_options[0]) for b in qat_bits]
             for bits, xla in variants:
-                state = train.create_train_state(jax.random.key(0), encoder, head, tx, n_frames)
+                state = builders.create_train_state(jax.random.key(0), encoder, head, tx, n_frames)
                 quantizer = None
                 if bits:
                     quantizer = quant.kmeans_quantizer(quant.default_rules(bits))

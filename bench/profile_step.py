@@ -9,9 +9,9 @@ with the JAX profiler and XLA:CPU's per-operation trace events, maps each event 
 operation in the compiled HLO, and sums the durations per step by kind:
 
     conv forward / conv input grad / conv kernel grad   convolutions (YNNPACK fusions,
-                                    XLA's own, or sqjax.native's kernel-gradient custom
+                                    XLA's own, or sqjax.cpu.native's kernel-gradient custom
                                     calls), split by the op's JAX name and output shape
-    winograd conv / direct conv     sqjax.native's 3x3 convolutions (with the BatchNorm
+    winograd conv / direct conv     sqjax.cpu.native's 3x3 convolutions (with the BatchNorm
                                     bias, residual and ReLU in inference)
     transpose / copy                layout changes XLA inserts (around kernel gradients)
     reduce                          reductions (BatchNorm statistics, pooling)
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sqjax import evaluate, models, train
+from sqjax import builders, evaluate, models, train
 
 # "  %name = f32[8,3,3,8]{3,2,1,0} fusion(...)" or a tuple "(f32[...]{...}, ...) fusion(...)"
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\([^=]*?\)|\S+) ([\w-]+)\((.*)$")
@@ -85,7 +85,7 @@ def _kind(name: str, instrs: dict, bodies: dict, kernel_shapes: set) -> str:
     m = re.search(r"calls=%([\w.\-]+)", rest)
     if m:
         body = bodies.get(m.group(1), "")
-    if opcode == "custom-call" and "sqjax_conv_kernel_grad" in rest:  # sqjax.native
+    if opcode == "custom-call" and "sqjax_conv_kernel_grad" in rest:  # sqjax.cpu.native
         return "conv kernel grad"
     if opcode == "custom-call" and "sqjax_conv3x3_winograd" in rest:
         return "winograd conv"
@@ -157,7 +157,7 @@ def main():
     encoder = models.build_encoder(a.model, conv_slice=a.conv_slice, **over)
     head = models.AAMSoftmax(num_classes=1000)
     tx = optax.sgd(0.01, momentum=0.9, nesterov=True)
-    state = train.create_train_state(jax.random.key(0), encoder, head, tx, a.n_frames)
+    state = builders.create_train_state(jax.random.key(0), encoder, head, tx, a.n_frames)
     kernel_shapes = {tuple(k.shape) for k in jax.tree.leaves(state.params) if k.ndim == 4}
     kernel_shapes |= {(s[2], s[0], s[1], s[3]) for s in list(kernel_shapes)}
     rng = np.random.default_rng(0)

@@ -46,9 +46,10 @@ def _set_cpu_devices(n: int) -> None:
 # batch 32), and glibc's malloc backs them with 4 KiB pages, each faulted in on first touch:
 # some 220k page faults per demo training step. With transparent huge pages in "madvise"
 # mode, glibc >= 2.35 asks for 2 MiB pages when told to (GLIBC_TUNABLES, read only when a
-# process starts), so the command re-runs itself once with it. README "Speed on a CPU": the
-# demo's training ran 1.26x faster; a step right after seconds of idle can run slower (up to
-# 2x on a VM with a memory balloon). SQJAX_HUGEPAGES=0: never.
+# process starts), so with SQJAX_HUGEPAGES=1 the command re-runs itself once with it. README
+# "Speed on a CPU": the demo's training ran 1.26x faster; a step right after seconds of idle
+# can run slower (up to 2x on a VM with a memory balloon). Opt-in: a command that replaces
+# its own process (os.execve) surprises debuggers, profilers and wrappers.
 _HUGEPAGES = "glibc.malloc.hugetlb=1"
 _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -56,13 +57,14 @@ _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 def _hugepage_env(
     environ: dict, thp_mode: str | None = None, libc: str | None = None
 ) -> dict | None:
-    """The environment to run a command with huge pages in, or None: already asked for,
-    turned off (``SQJAX_HUGEPAGES=0``), not glibc 2.35 or later (``libc``, as
+    """The environment to run a command with huge pages in, or None: not asked for
+    (``SQJAX_HUGEPAGES=1``), already set up (``glibc.malloc.hugetlb`` in ``GLIBC_TUNABLES``,
+    also what stops a second re-run), not glibc 2.35 or later (``libc``, as
     ``os.confstr("CS_GNU_LIBC_VERSION")``), or THP not in madvise mode (``thp_mode``, the
     kernel's ``transparent_hugepage/enabled``: in "always" mode large buffers get them
     anyway, in "never" not at all). ``thp_mode`` and ``libc`` default to this machine's."""
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables or environ.get("SQJAX_HUGEPAGES") == "0":
+    if "glibc.malloc.hugetlb" in tunables or environ.get("SQJAX_HUGEPAGES") != "1":
         return None
     try:
         libc = (os.confstr("CS_GNU_LIBC_VERSION") or "") if libc is None else libc
@@ -80,7 +82,8 @@ def _hugepage_env(
 
 
 def _rerun_with_hugepages() -> None:
-    """Replace this process by the same command in ``_hugepage_env``, where it applies."""
+    """Replace this process by the same command in ``_hugepage_env``, where it applies
+    (only with ``SQJAX_HUGEPAGES=1``; otherwise a no-op)."""
     env = _hugepage_env(dict(os.environ))
     if env is not None:
         sys.stdout.flush()
@@ -130,11 +133,11 @@ def cmd_train(args, overrides) -> None:
 
 def cmd_qat(args, overrides) -> None:
     from sqjax import config as config_lib
-    from sqjax import study
+    from sqjax.experiments import qat_study
 
     config = config_lib.load_config(args.config, overrides)
     _init_distributed(config)
-    _print_table(study.quantization_study(config, args.workdir))
+    _print_table(qat_study.quantization_study(config, args.workdir))
 
 
 def _print_table(rows: dict) -> None:
@@ -193,47 +196,47 @@ def cmd_embed(args, overrides) -> None:
 
 def _precisions(args, default_bits):
     """``(config, {name: variables})`` of ``--study DIR`` or ``--workdir RUN --ptq BITS``."""
-    from sqjax import study
+    from sqjax.experiments import precisions
 
     if bool(args.study) == bool(args.workdir):
         raise ValueError("give --study DIR (a `sqjax qat` study) or --workdir FP32_RUN --ptq BITS")
     if args.study:
         if args.ptq:
             raise ValueError("--ptq goes with --workdir (an FP32 run), not with --study")
-        return study.study_precisions(args.study)
-    return study.ptq_precisions(args.workdir, args.ptq or default_bits)
+        return precisions.study_precisions(args.study)
+    return precisions.ptq_precisions(args.workdir, args.ptq or default_bits)
 
 
 def cmd_analyze(args, overrides) -> None:
-    from sqjax import study
+    from sqjax.experiments import analyze
 
     config, variables = _precisions(args, (8, 4, 3, 2, 1))
     out = Path(args.out or Path(args.study or args.workdir) / "analysis")
-    result = study.analyze(
+    result = analyze.analyze(
         config,
         variables,
         out,
         **_trials(args),
         threshold=args.threshold,
     )
-    print("\n" + study.format_analysis(result))
+    print("\n" + analyze.format_analysis(result))
     print(f"\nwrote {out}/scores.npz, score_analysis.json, figures/")
 
 
 def cmd_layers(args, overrides) -> None:
-    from sqjax import study
+    from sqjax.experiments import layers
 
     if bool(args.study) == bool(args.workdir):
         raise ValueError("give --study DIR (a `sqjax qat` study) or --workdir FP32_RUN")
     if args.study:
         if args.per_channel:
             raise ValueError("--per-channel goes with --workdir: QAT runs keep their codebooks")
-        config, jobs = study.study_layer_jobs(args.study, args.bits)
+        config, jobs = layers.study_layer_jobs(args.study, args.bits)
     else:
         pc = ("--config.quant.per_channel=True",) if args.per_channel else ()
-        config, jobs = study.ptq_layer_jobs(args.workdir, args.bits or (2,), args.protect, pc)
+        config, jobs = layers.ptq_layer_jobs(args.workdir, args.bits or (2,), args.protect, pc)
     out = Path(args.out or Path(args.study or args.workdir) / "layers")
-    result = study.analyze_layers(
+    result = layers.analyze_layers(
         config,
         jobs,
         out,
@@ -241,18 +244,18 @@ def cmd_layers(args, overrides) -> None:
         tolerance=args.tolerance,
         threshold=args.threshold,
     )
-    print(study.format_layers(result, top=args.top))
+    print(layers.format_layers(result, top=args.top))
     print(f"\nwrote {out}/layers.csv, layer_analysis.json, figures/")
 
 
 def cmd_grids(args, overrides) -> None:
     from sqjax import config as config_lib
-    from sqjax import study
+    from sqjax.experiments import grids
 
     if args.qat_config and not args.qat_bits:
         raise ValueError("--qat-config sets the QAT runs of --qat-bits: give --qat-bits too")
 
-    result = study.compare_grids(
+    result = grids.compare_grids(
         args.workdir,
         args.bits,
         args.out or None,
@@ -264,17 +267,17 @@ def cmd_grids(args, overrides) -> None:
         **_trials(args, cal=False),
     )
     out = Path(args.out or Path(args.workdir) / "grids")
-    print(study.format_grids(result))
+    print(grids.format_grids(result))
     print(f"\nwrote {out}/grids.csv, grids.json, figures/grids.png")
 
 
 def cmd_cascade(args, overrides) -> None:
-    from sqjax import study
+    from sqjax.experiments import cascade
 
     config, variables = _precisions(args, tuple(b for b in args.stages if b != 32))
     eta = args.eta if args.eta == "eer" else float(args.eta)
     out = Path(args.out or Path(args.study or args.workdir) / "cascade")
-    result = study.run_cascade(
+    result = cascade.run_cascade(
         config,
         variables,
         args.stages,
@@ -285,26 +288,26 @@ def cmd_cascade(args, overrides) -> None:
         eta=eta,
         cost=args.cost,
     )
-    print(study.format_cascade(result))
+    print(cascade.format_cascade(result))
     print(f"\nwrote {out}/cascade.json, cascade_curve.csv, figures/")
 
 
 def cmd_study(args, overrides) -> None:
     from sqjax import config as config_lib
-    from sqjax import study
+    from sqjax.experiments import report, study
 
     config = config_lib.load_config(args.config, overrides)
     _init_distributed(config)
     summary = study.run_study(config, args.workdir)
-    print("\n" + study.format_study(summary))
+    print("\n" + report.format_study(summary))
     print(f"\nreport: {Path(args.workdir) / 'report' / 'index.html'} (and report.md)")
 
 
 def cmd_report(args, overrides) -> None:
-    from sqjax import study
+    from sqjax.experiments import report
 
-    summary = study.write_report(args.dir)
-    print(study.format_study(summary))
+    summary = report.write_report(args.dir)
+    print(report.format_study(summary))
     print(f"\nwrote {Path(args.dir) / 'report'}/index.html, report.md, report.json")
 
 
@@ -552,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    if argv is None:  # a command of its own (not called from Python): huge pages first
+    if argv is None:  # a command of its own (not called from Python): huge pages if asked
         _rerun_with_hugepages()
     args, rest = build_parser().parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]

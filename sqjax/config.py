@@ -119,7 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.microbatches = 1  # >1: accumulate gradients over chunks (faster conv grads on CPU)
     # Conv kernel gradients over slices of this many examples, summed (same gradients;
     # faster steps on XLA:CPU, bench/bench_torch.py). -1: on CPU sized per layer (one
-    # example at 32-128 input channels, else eight; models.slice_examples), elsewhere 0
+    # example at 32-128 input channels, else eight; sqjax.cpu.slice_examples), elsewhere 0
     # (the whole batch).
     c.train.conv_slice = -1
     c.train.n_frames = 200  # 2 s crops

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sqjax import evaluate, export, fileio, metrics, prepare, train
+from sqjax import builders, evaluate, export, fileio, metrics, prepare, train
 from sqjax import workdir as workdir_lib
 from sqjax.pipeline import CropSampler, WaveSampler
 
@@ -38,12 +38,12 @@ def restore_run(workdir: str | Path, step: int | None = None, overrides=()):
 
     config = workdir_lib.load_run_config(workdir)
     config_lib.apply_overrides(config, list(overrides), source=Path(workdir) / "config.json")
-    template, quantizer = train.state_template(config)
+    template, quantizer = builders.state_template(config)
     replicated = NamedSharding(train.make_mesh(), P())
     return config, workdir_lib.restore_latest(workdir, template, replicated, step), quantizer
 
 
-def _fp32_init(init_from: str) -> train.TrainState:
+def _fp32_init(init_from: str) -> builders.TrainState:
     config, state, quantizer = restore_run(init_from)
     if quantizer is not None:
         raise ValueError(
@@ -86,7 +86,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     config.head.num_classes = data.n_speakers
     init = (lambda: _fp32_init(config.quant.init_from)) if config.quant.init_from else None
     state = train.train(config, workdir, data, init=init)
-    quantizer = train.build_quantizer(config, config.quant.bits) if config.quant.bits else None
+    quantizer = builders.build_quantizer(config, config.quant.bits) if config.quant.bits else None
     variables = evaluate.encoder_variables(state, quantizer)
     train_split = data if data.raw_feats is not None else None  # the baseline's statistics
     return evaluate_run(config, workdir, variables, step=int(state.step), train_split=train_split)
@@ -100,7 +100,7 @@ def score_variables(config, variables, split: prepare.Split) -> np.ndarray:
     split over the devices (and processes) of ``train.make_mesh(config.num_devices)``."""
     sharding = NamedSharding(train.make_mesh(config.num_devices), P("data"))
     return evaluate.score_split(
-        evaluate.jitted_embed(train.build_encoder(config)),
+        evaluate.jitted_embed(builders.build_encoder(config)),
         variables,
         split,
         batch_size=config.eval.batch_size,
@@ -203,13 +203,13 @@ def reestimated_variables(config, variables: dict, data: prepare.Split, n_utts: 
         draw = lambda step: jnp.asarray(sampler.batch(step, bs)["feats"])
     # Steps training never draws.
     batches = (draw(1_000_000 + i) for i in range(max(1, math.ceil(n_utts / bs))))
-    stats = train.reestimate_batch_stats(train.build_encoder(config), variables, batches)
+    stats = train.reestimate_batch_stats(builders.build_encoder(config), variables, batches)
     return {"params": variables["params"], "batch_stats": stats}
 
 
-def ptq_variables(config, state: train.TrainState, bits: int) -> dict:
+def ptq_variables(config, state: builders.TrainState, bits: int) -> dict:
     """Inference variables of an FP32 ``state`` quantized after training at ``bits``."""
-    q = train.build_quantizer(config, bits)
+    q = builders.build_quantizer(config, bits)
     return evaluate.encoder_variables(state.replace(qstate=q.init(state.params["encoder"])), q)
 
 
@@ -289,7 +289,7 @@ def export_workdir(workdir: str | Path, out: str | Path | None = None, bits: int
             raise ValueError(
                 f"{workdir} is an FP32 run: give --bits for post-training quantization"
             )
-        qstate = train.build_quantizer(config, bits).init(state.params["encoder"])
+        qstate = builders.build_quantizer(config, bits).init(state.params["encoder"])
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
     # Every field of the state (codebooks; a uniform grid's scales and zeros too) over
     # the whole variables tree: BatchNorm statistics stay float.
@@ -337,7 +337,7 @@ def embed_model_file(
         kind=config.features.kind,
     )
     emb = evaluate.extract_embeddings(
-        evaluate.jitted_embed(train.build_encoder(config)),
+        evaluate.jitted_embed(builders.build_encoder(config)),
         variables,
         split.feats,
         batch_size=config.eval.batch_size,

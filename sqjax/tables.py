@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Sequence
 
 
@@ -19,3 +21,18 @@ def format_table(rows: Sequence[Sequence[str]], rules: Sequence[int] = (1,)) -> 
     for at in sorted(rules, reverse=True):
         lines.insert(at, rule)
     return "\n".join(lines)
+
+
+def csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """Rows (dicts) as CSV text with ``columns``: a missing or None cell is empty, a
+    ``shape`` cell is written as ``AxBxC``."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r.get(c)
+            cells.append("" if v is None else "x".join(map(str, v)) if c == "shape" else v)
+        w.writerow(cells)
+    return buf.getvalue()

@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sqjax import models, train
+from sqjax import builders, models
 from sqjax import workdir as workdir_lib
 
 log = logging.getLogger("sqjax")
@@ -299,10 +299,10 @@ def import_wespeaker(
     heads = [k for k in state if k.startswith("projection.")]
     keep_head = heads == ["projection.weight"] and head_w.shape[1:] == (geo["embed_dim"],)
     config.head.num_classes = int(head_w.shape[0]) if keep_head else 1
-    encoder = train.build_encoder(config)
+    encoder = builders.build_encoder(config)
     variables = to_variables(state, encoder, str(checkpoint))
-    head, tx = train.build_head(config), train.make_optimizer(config)
-    fresh = train.create_train_state(jax.random.key(0), encoder, head, tx, config.train.n_frames)
+    head, tx = builders.build_head(config), builders.make_optimizer(config)
+    fresh = builders.create_train_state(jax.random.key(0), encoder, head, tx, config.train.n_frames)
     head_params = (
         {"kernel": np.asarray(head_w, np.float32).T} if keep_head else fresh.params["head"]
     )

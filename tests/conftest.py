@@ -42,9 +42,10 @@ LONGEST_FIRST = (
 
 
 def pytest_configure(config):
-    # The xdist workers and the commands tests start run with glibc's huge pages, as the
-    # sqjax command does (cli._hugepage_env): they start after this. With -n 0 this process
-    # keeps 4 KiB pages (glibc reads the tunable only when a process starts).
+    # With SQJAX_HUGEPAGES=1 the xdist workers and the commands tests start run with glibc's
+    # huge pages, as the sqjax command then does (cli._hugepage_env; by default neither
+    # does): they start after this. With -n 0 this process keeps 4 KiB pages (glibc reads
+    # the tunable only when a process starts).
     from sqjax import cli
 
     env = cli._hugepage_env(dict(os.environ))

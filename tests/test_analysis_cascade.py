@@ -5,8 +5,10 @@ sees the test labels."""
 import numpy as np
 import pytest
 
-from sqjax import evaluate, metrics, study
+from sqjax import evaluate, metrics
 from sqjax.analysis import cascade
+from sqjax.experiments import cascade as cascade_cmd
+from sqjax.experiments import precisions
 
 # Three stages, four trials, eta = 0.
 LLRS = np.array(
@@ -145,20 +147,20 @@ def test_bad_options_are_named():
     with pytest.raises(ValueError, match="metric 'auc'"):
         cascade.check_options("auc", 0.05, "bitops")
     with pytest.raises(ValueError, match="--stages"):
-        study.stage_names([4, 2])
+        cascade_cmd.stage_names([4, 2])
     with pytest.raises(ValueError, match="--stages"):
-        study.stage_names([2, 16])
-    assert study.stage_names([2, 4, 32]) == ["2bit", "4bit", "fp32"]
+        cascade_cmd.stage_names([2, 16])
+    assert cascade_cmd.stage_names([2, 4, 32]) == ["2bit", "4bit", "fp32"]
 
 
 def test_cascade_of_a_trained_model_end_to_end(learned_run, tmp_path):
     """PTQ 2 -> 8 -> FP32 of a trained model: the deployment path decides every test trial
     as the analysis path did, embedding what it reported, and the files are written."""
     _, workdir, _ = learned_run
-    config, variables = study.ptq_precisions(workdir, (8, 2))
+    config, variables = precisions.ptq_precisions(workdir, (8, 2))
     test_dir = str(config.data.synth_dir) + "/test"
     # Calibrating on the test trials is fine for this check (the choice is tested above).
-    result = study.run_cascade(
+    result = cascade_cmd.run_cascade(
         config,
         variables,
         (2, 8, 32),
@@ -182,4 +184,4 @@ def test_cascade_of_a_trained_model_end_to_end(learned_run, tmp_path):
     assert len(lines) == 51 and lines[0].startswith("tau,frac_2bit,frac_8bit,frac_fp32")
     for name in ("tradeoff", "escalations"):
         assert (tmp_path / "figures" / f"cascade_{name}.png").stat().st_size > 10_000
-    assert "cascade (tau from cal)" in study.format_cascade(result)
+    assert "cascade (tau from cal)" in cascade_cmd.format_cascade(result)

@@ -8,8 +8,9 @@ import pytest
 from flax import traverse_util
 from scipy import stats
 
-from sqjax import evaluate, metrics, models, quant, runs, study
+from sqjax import evaluate, metrics, models, quant, runs
 from sqjax.analysis import layers
+from sqjax.experiments import layers as layers_cmd
 
 
 class MLP(nn.Module):
@@ -234,9 +235,9 @@ def test_suggested_rules_reach_the_target_when_built_by_the_quantizer(learned_ru
     mix may keep layers at 8 bits: with 4 only, the target can be out of reach (on one
     CPU the learned model at 4 bits everywhere scored EER 0.190 against a target of 0.189)."""
     _, workdir, _ = learned_run
-    cfg, jobs = study.ptq_layer_jobs(workdir, (1,), (4, 8))
+    cfg, jobs = layers_cmd.ptq_layer_jobs(workdir, (1,), (4, 8))
     test_dir = str(cfg.data.synth_dir) + "/test"
-    result = study.analyze_layers(
+    result = layers_cmd.analyze_layers(
         cfg, jobs, tmp_path, cal_data=test_dir, cal_trials=test_dir + "/trials", tolerance=0.1
     )
     a, sug = result["widths"]["1bit"], result["suggestions"]["1bit"]
@@ -259,5 +260,5 @@ def test_suggested_rules_reach_the_target_when_built_by_the_quantizer(learned_ru
     assert len(lines) == 1 + 13 and lines[0].startswith("bits,depth,path")
     for kind in ("scatter", "stages", "depth", "protection"):
         assert (tmp_path / "figures" / f"layers_{kind}_1bit.png").stat().st_size > 10_000
-    text = study.format_layers(result)
+    text = layers_cmd.format_layers(result)
     assert "1bit" in text and "mixed precision" in text

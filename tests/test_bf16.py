@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sqjax import models, train
+from sqjax import builders, cpu, models, train
 from sqjax.config import default_config, load_config
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -33,8 +33,12 @@ def _step(dtype: str, concrete: bool = True):
     """``(jitted train_step, its jaxpr, state, batch)`` for the tiny model at ``dtype``;
     the state only as shapes unless ``concrete``."""
     c = _config(dtype)
-    encoder, head, tx = train.build_encoder(c), train.build_head(c), train.make_optimizer(c)
-    create = lambda rng: train.create_train_state(rng, encoder, head, tx, N_FRAMES)
+    encoder, head, tx = (
+        builders.build_encoder(c),
+        builders.build_head(c),
+        builders.make_optimizer(c),
+    )
+    create = lambda rng: builders.create_train_state(rng, encoder, head, tx, N_FRAMES)
     # Jitted: eager initialisation takes longer than compiling it.
     create = jax.jit(create) if concrete else functools.partial(jax.eval_shape, create)
     state = create(jax.random.key(0))
@@ -164,7 +168,7 @@ def test_sliced_bf16_kernel_gradient_as_accurate_as_the_plain_one():
     ref = grad(jax.lax.conv_general_dilated, jnp.float32, precision="highest")
     err = lambda g: float(jnp.linalg.norm(g - ref) / jnp.linalg.norm(ref))
     plain = err(grad(jax.lax.conv_general_dilated, jnp.bfloat16))
-    sliced = err(grad(models.sliced_conv(2), jnp.bfloat16))
+    sliced = err(grad(cpu.sliced_conv(2), jnp.bfloat16))
     assert sliced < 1.3 * plain
 
 

@@ -25,19 +25,23 @@ def test_help_lists_commands(capsys):
         assert command in out
 
 
+ON = {"SQJAX_HUGEPAGES": "1"}
+
+
 @pytest.mark.parametrize(
     "environ, thp, libc, tunables",
     [
-        ({}, "always [madvise] never", "glibc 2.36", "glibc.malloc.hugetlb=1"),
-        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "always [madvise] never", "glibc 2.35",
-         "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
-        ({}, "always [madvise] never", "glibc 2.34", None),  # no hugetlb tunable before 2.35
-        ({}, "always [madvise] never", "", None),  # not glibc (musl, macOS)
-        ({}, "[always] madvise never", "glibc 2.36", None),  # THP for every large buffer anyway
-        ({}, "always madvise [never]", "glibc 2.36", None),
+        (ON, "always [madvise] never", "glibc 2.36", "glibc.malloc.hugetlb=1"),
+        ({**ON, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "always [madvise] never",
+         "glibc 2.35", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+        (ON, "always [madvise] never", "glibc 2.34", None),  # no hugetlb tunable before 2.35
+        (ON, "always [madvise] never", "", None),  # not glibc (musl, macOS)
+        (ON, "[always] madvise never", "glibc 2.36", None),  # THP for every large buffer anyway
+        (ON, "always madvise [never]", "glibc 2.36", None),
+        ({}, "always [madvise] never", "glibc 2.36", None),  # opt-in: off by default
         ({"SQJAX_HUGEPAGES": "0"}, "always [madvise] never", "glibc 2.36", None),
-        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "always [madvise] never", "glibc 2.36",
-         None),  # the user's own choice, and what stops a second re-run
+        ({**ON, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "always [madvise] never",
+         "glibc 2.36", None),  # the user's own choice, and what stops a second re-run
     ],
 )  # fmt: skip
 def test_hugepage_environment(environ, thp, libc, tunables):
@@ -48,11 +52,15 @@ def test_hugepage_environment(environ, thp, libc, tunables):
         assert env == {"PATH": "/bin", **environ, "GLIBC_TUNABLES": tunables}
 
 
-def test_command_reruns_itself_with_huge_pages(tmp_path):
-    # A command of its own re-runs once with the tunable where the kernel and libc allow it,
-    # and keeps its arguments and its exit status.
+@pytest.mark.parametrize("opt_in", [True, False])
+def test_command_reruns_itself_with_huge_pages_only_when_asked(opt_in, tmp_path):
+    # With SQJAX_HUGEPAGES=1 a command of its own re-runs once with the tunable where the
+    # kernel and libc allow it, and keeps its arguments and its exit status; without it,
+    # it never re-executes (the environment it runs in is the one it was given).
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "SQJAX_HUGEPAGES")}
+    env.update(ON if opt_in else {})
     expected = cli._hugepage_env(env)  # this machine's kernel and libc
+    assert opt_in or expected is None
     rerun = "import os; from sqjax import cli; cli._rerun_with_hugepages(); "
     probe = rerun + "print(os.environ.get('GLIBC_TUNABLES'))"
     kwargs = {"env": env, "capture_output": True, "text": True}
@@ -65,6 +73,28 @@ def test_command_reruns_itself_with_huge_pages(tmp_path):
         [sys.executable, "-c", command, "report", str(missing)], check=False, **kwargs
     )
     assert run.returncode == 2 and str(missing) in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("argv", [None, ["--help"], ["train", "--bogus"], ["eval", "--step", "x"]])
+def test_the_command_line_answers_without_importing_jax(argv):
+    """``import sqjax.cli``, ``sqjax --help`` and argument errors import no JAX (nor the
+    modules that do): ``sqjax`` is lazy and each command imports its modules when it runs,
+    so they answer in a fraction of a second."""
+    code = [
+        "import sys",
+        "import sqjax.cli",
+        f"argv = {argv!r}",
+        "try:",
+        "    argv is None or sqjax.cli.main(argv)",
+        "except SystemExit:",
+        "    pass",
+        "heavy = [m for m in ('jax', 'flax', 'numpy', 'sqjax.models') if m in sys.modules]",
+        "print('imported:', heavy, file=sys.stderr)",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-c", "\n".join(code)], capture_output=True, text=True, check=False
+    )
+    assert run.stderr.splitlines()[-1] == "imported: []", run.stderr
 
 
 def test_unknown_argument_is_an_error(capsys):

@@ -43,7 +43,7 @@ untrained check, 1.6 s, reuses the corpus, features and compiled functions).
 
 import jax
 
-from sqjax import evaluate, prepare, runs, train
+from sqjax import builders, evaluate, prepare, runs
 
 RATIO = 0.65  # pass: EER <= RATIO x the raw-feature baseline's EER on the same trials
 
@@ -61,11 +61,11 @@ def test_untrained_model_does_not_pass_the_bar(learned_run, tmp_path):
     config = learned_run[0].copy_and_resolve_references()
     data = prepare.training_data(config)
     config.head.num_classes = data.n_speakers
-    state = train.create_train_state(
+    state = builders.create_train_state(
         jax.random.key(config.seed),
-        train.build_encoder(config),
-        train.build_head(config),
-        train.make_optimizer(config),
+        builders.build_encoder(config),
+        builders.build_head(config),
+        builders.make_optimizer(config),
         config.train.n_frames,
     )
     variables = evaluate.encoder_variables(state)

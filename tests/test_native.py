@@ -1,4 +1,4 @@
-"""sqjax.native: the C++ kernel gradient and the 3x3 convolutions (Winograd, direct, with
+"""sqjax.cpu.native: the C++ kernel gradient and the 3x3 convolutions (Winograd, direct, with
 their fused bias, residual and ReLU) of NHWC convolutions, against XLA's own."""
 
 import ctypes
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sqjax import native
+from sqjax.cpu import native
 
 needs_native = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler"

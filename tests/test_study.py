@@ -10,7 +10,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from sqjax import cli, study
+from sqjax import cli, runs
+from sqjax.experiments import analyze, cascade, grids, layers, qat_study, study
 
 from .conftest import CONFIGS
 
@@ -135,16 +136,15 @@ def test_report_command_regenerates_the_same_report(tiny_study, capsys):
 
 def test_a_finished_study_runs_nothing_again(tiny_study, tiny_config, monkeypatch):
     workdir, _ = tiny_study
-    from sqjax import runs
 
     def fail(*a, **k):
         raise AssertionError("a finished stage ran again")
 
     for name in ("train_and_evaluate", "ptq_workdir"):
         monkeypatch.setattr(runs, name, fail)
-    monkeypatch.setattr(study, "analyze", fail)
-    monkeypatch.setattr(study, "analyze_layers", fail)
-    monkeypatch.setattr(study, "run_cascade", fail)
+    monkeypatch.setattr(analyze, "analyze", fail)
+    monkeypatch.setattr(layers, "analyze_layers", fail)
+    monkeypatch.setattr(cascade, "run_cascade", fail)
     config = study_config(tiny_config)
     study.run_study(config, workdir)
 
@@ -196,7 +196,7 @@ def test_grids_takes_a_qat_study_as_rows(tiny_study, tmp_path):
     the one the run's own evaluation wrote (another code path: one model, not the
     all-precision pass), its packed size and distortion present."""
     workdir, _ = tiny_study
-    result = study.compare_grids(workdir / "fp32", (), tmp_path, qat_studies=[workdir])
+    result = grids.compare_grids(workdir / "fp32", (), tmp_path, qat_studies=[workdir])
     (row,) = result["rows"]
     assert (row["mode"], row["method"], row["per_channel"], row["bits"]) == (
         "qat",
@@ -207,7 +207,7 @@ def test_grids_takes_a_qat_study_as_rows(tiny_study, tmp_path):
     own = json.loads((workdir / "2bit" / "metrics_test.json").read_text())
     assert row["eer"] == pytest.approx(own["eer"], abs=1e-9)
     assert 0 < row["distortion"] < 1 and 0 < row["bytes"] < result["fp32"]["bytes"]
-    assert "QAT" in study.format_grids(result)
+    assert "QAT" in grids.format_grids(result)
 
 
 def test_grids_qat_bits_runs_one_qat_study_per_method(tiny_study, tmp_path, monkeypatch):
@@ -225,10 +225,10 @@ def test_grids_qat_bits_runs_one_qat_study_per_method(tiny_study, tmp_path, monk
         assert tuple(config.quant.bits_list) == (2,) and config.quant.num_steps == 5
         shutil.copytree(workdir / "2bit", out / "2bit")
 
-    monkeypatch.setattr(study, "quantization_study", fake_study)
-    qat_config = study.runs.restore_run(workdir / "fp32")[0]
+    monkeypatch.setattr(qat_study, "quantization_study", fake_study)
+    qat_config = runs.restore_run(workdir / "fp32")[0]
     qat_config.quant.num_steps = 5
-    result = study.compare_grids(
+    result = grids.compare_grids(
         workdir / "fp32", (), tmp_path, qat_bits=(2,), qat_config=qat_config
     )
     assert calls == [

@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from sqjax import metrics, models, prepare, runs, study, train, workdir
+from sqjax import builders, metrics, models, prepare, runs, train, workdir
+from sqjax.experiments import qat_study
 
 
 def _params(workdir):
@@ -42,7 +43,7 @@ def test_microbatches_equal_full_batch_when_chunks_are_identical():
     encoder = models.build_encoder("resnet_tiny", embed_dim=8)
     head = models.AAMSoftmax(num_classes=3, scale=8.0)
     tx = optax.sgd(0.1)
-    state = train.create_train_state(jax.random.key(0), encoder, head, tx, 40)
+    state = builders.create_train_state(jax.random.key(0), encoder, head, tx, 40)
     rng = np.random.default_rng(0)
     small = {
         "feats": jnp.asarray(rng.normal(size=(4, 40, 80)), jnp.float32),
@@ -97,7 +98,7 @@ def test_qat_study_trains_on_codebook_and_resumes(tiny_config, tmp_path):
     c.train.num_steps = 4
     c.quant.bits_list, c.quant.num_steps = (2,), 4
     c.train.checkpoint_every, c.quant.refresh_every = 2, 2
-    rows = study.quantization_study(c, tmp_path)
+    rows = qat_study.quantization_study(c, tmp_path)
     assert set(rows) == {"fp32", "2bit"}
     config, state, quantizer = runs.restore_run(tmp_path / "2bit")
     assert config.quant.bits == 2 and int(state.step) == 4
@@ -126,7 +127,7 @@ def test_qat_study_trains_on_codebook_and_resumes(tiny_config, tmp_path):
     # A study grows: another width trains only that width's run.
     before = (tmp_path / "2bit" / "metrics.jsonl").read_text()
     c.quant.bits_list = (2, 1)
-    rows = study.quantization_study(c, tmp_path)
+    rows = qat_study.quantization_study(c, tmp_path)
     assert set(rows) == {"fp32", "2bit", "1bit"}
     assert (tmp_path / "2bit" / "metrics.jsonl").read_text() == before
     assert int(runs.restore_run(tmp_path / "1bit")[1].step) == 4
@@ -166,7 +167,7 @@ def test_learned_centroids_are_trained_and_kept_by_refresh(tiny_config, tmp_path
     c.train.num_steps = 2
     runs.train_and_evaluate(c, tmp_path / "fp32")
     _, fp32, _ = runs.restore_run(tmp_path / "fp32")
-    q = study.qat_run_config(c, 2, tmp_path / "fp32")
+    q = qat_study.qat_run_config(c, 2, tmp_path / "fp32")
     q.quant.learn_centroids, q.quant.refresh_every, q.train.num_steps = True, 100, 3
     q.train.learning_rate = 1e-2
     runs.train_and_evaluate(q, tmp_path / "learn")

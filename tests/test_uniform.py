@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from sqjax import export, quant, train, uniform
+from sqjax import builders, export, quant, train, uniform
 from sqjax.config import ConfigError, default_config, load_config
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -438,17 +438,17 @@ def test_config_builds_the_chosen_quantizer():
     c = load_config(
         CONFIGS / "tiny.py", ["--config.quant.method=uniform", "--config.quant.scale=minmax"]
     )
-    state = train.build_quantizer(c, 2).init(params)
+    state = builders.build_quantizer(c, 2).init(params)
     assert isinstance(state, uniform.UniformState)
     np.testing.assert_array_equal(state.codebooks["conv"]["kernel"], [0, 1, 2, 3])
     c = _config(method="uniform", symmetric=True, scale="minmax")
-    state = train.build_quantizer(c, 2).init(params)
+    state = builders.build_quantizer(c, 2).init(params)
     assert float(state.zeros["conv"]["kernel"]) == 1.5
-    assert train.build_quantizer(default_config(), 2).init.__qualname__.startswith(
+    assert builders.build_quantizer(default_config(), 2).init.__qualname__.startswith(
         "kmeans_quantizer."
     )
-    assert not train.learns_quantizer(default_config())
-    assert train.learns_quantizer(_config(method="uniform", learn_scale=True))
+    assert not builders.learns_quantizer(default_config())
+    assert builders.learns_quantizer(_config(method="uniform", learn_scale=True))
 
 
 @pytest.mark.parametrize(
@@ -462,7 +462,7 @@ def test_config_builds_the_chosen_quantizer():
 )
 def test_bad_quant_config_names_the_key(keys, match):
     with pytest.raises(ConfigError, match=match):
-        train.build_quantizer(_config(**keys), 2)
+        builders.build_quantizer(_config(**keys), 2)
 
 
 def test_bad_scale_argument_is_named():
@@ -500,9 +500,11 @@ def test_train_step_trains_the_scales_and_keeps_levels_in_sync():
             "params"
         ],
     }
-    state = train.TrainState(jnp.zeros((), jnp.int32), params, variables["batch_stats"], None, ())
+    state = builders.TrainState(
+        jnp.zeros((), jnp.int32), params, variables["batch_stats"], None, ()
+    )
     qz = uniform.uniform_quantizer(quant.default_rules(2), learn_scale=True)
-    state = train.with_codebooks(state, qz, tx, learn=True)
+    state = builders.with_codebooks(state, qz, tx, learn=True)
     kw = {"encoder": encoder, "head": head, "tx": tx, "margin": 0.0, "margin_warmup_steps": 0}
     step = jax.jit(lambda st, b: train.train_step(st, b, quantizer=qz, learn_quantizer=True, **kw))
     new = state

@@ -14,7 +14,7 @@ import types
 import numpy as np
 import pytest
 
-from sqjax import evaluate, runs, train, wespeaker
+from sqjax import builders, evaluate, runs, wespeaker
 from sqjax.cli import main
 
 torch = pytest.importorskip("torch")
@@ -62,7 +62,7 @@ def _embed_both(model, checkpoint, out, feats: np.ndarray):
     wespeaker.import_wespeaker(checkpoint, out)
     config, state, _ = runs.restore_run(out)
     variables = evaluate.encoder_variables(state)
-    ours = np.asarray(train.build_encoder(config).apply(variables, feats))
+    ours = np.asarray(builders.build_encoder(config).apply(variables, feats))
     with torch.no_grad():
         theirs = model(torch.from_numpy(feats))[-1].numpy()
     return ours, theirs

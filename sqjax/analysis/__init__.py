@@ -1,6 +1,6 @@
 """Analyses of scores, calibration and their plots: arrays in, plain results out.
 
-Nothing here reads run directories or parses command lines; ``runs``/``study``/``cli`` do.
+Nothing here reads run directories or parses command lines; ``runs``/``experiments``/``cli`` do.
 """
 
 from sqjax.analysis.calibration import Calibration, calibrate, min_cllr, pav_llrs, reliability

@@ -348,8 +348,8 @@ def plot_cascade_escalations(distance, stage, names: Sequence[str], path, bins: 
 
 
 def plot_grids(result: Mapping, path) -> Path:
-    """EER and weight distortion against bits (``study.compare_grids``): one curve per
-    method and granularity, PTQ solid, QAT dashed; FP32's EER as a line."""
+    """EER and weight distortion against bits (``experiments.grids.compare_grids``): one
+    curve per method and granularity, PTQ solid, QAT dashed; FP32's EER as a line."""
     fig = Figure(figsize=(10, 4), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, 2)
     styles = {("kmeans", False): "C0", ("kmeans", True): "C1", ("uniform", False): "C2",

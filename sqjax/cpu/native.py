@@ -7,7 +7,7 @@ first transposes to channel-major layouts; on the ResNets here those transposes 
 convolution were 36-48% of a training step's traced time (``bench/profile_step.py``).
 ``conv_kernel_grad`` reads the NHWC arrays as they are (a sum of outer products,
 register-blocked, split over XLA's intra-op threads): 1.9-4.3x faster per layer than
-``models.sliced_conv``'s slices at 8-64 channels, 0.9-1.6x at 128-256, and 3-7x faster
+``conv.sliced_conv``'s slices at 8-64 channels, 0.9-1.6x at 128-256, and 3-7x faster
 than XLA's kernel gradient over the whole batch (``bench/bench_kernel_grad.py``, 2-core
 CPU, over runs of a noisy machine).
 
@@ -17,16 +17,16 @@ of tiles that stay in L2, the transforms vectorized over channels: F(4x4) ran 1.
 XLA's convolution per layer at 32 channels and 2.0-2.3x at 64-128
 (``bench/bench_kernel_grad.py``, AMD EPYC); or by a direct kernel (the 9 x C products of
 a block of outputs in registers), 1.3-2.1x at 16 channels. Both add a bias and a
-residual and apply a ReLU as they write the output: in inference ``models.conv_bn`` folds
+residual and apply a ReLU as they write the output: in inference ``fused.conv_bn`` folds
 each BatchNorm into its convolution and runs the block's end with them in one pass over
-the activations. ``models.sliced_conv`` uses Winograd from ``models.WINOGRAD_CHANNELS``
+the activations. ``conv.sliced_conv`` uses Winograd from ``conv.WINOGRAD_CHANNELS``
 in training too (forward and input gradient).
 
 It is compiled on first use with the C++ compiler on the path (``$CXX``, else ``g++``)
 against the XLA FFI headers that jaxlib ships, and cached in ``$SQJAX_CACHE_DIR`` (default
 ``~/.cache/sqjax``) under a hash of the source, compiler, flags, FFI headers and CPU.
 Without a compiler, or with ``SQJAX_NATIVE=0``, ``available()`` is False:
-``models.sliced_conv`` computes kernel gradients over slices of the batch and leaves the
+``conv.sliced_conv`` computes kernel gradients over slices of the batch and leaves the
 convolutions to XLA.
 """
 
