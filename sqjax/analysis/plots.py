@@ -35,7 +35,8 @@ def _bit_label(b: int) -> str:
 
 
 def plot_degradation(analysis: Mapping, path) -> Path:
-    """EER and minDCF@0.01 against bit width with the knee marked (``score_analysis``)."""
+    """EER and minDCF@0.01 against bit width with the knee marked (``score_analysis``),
+    with the intervals as error bars where the analysis has them."""
     fig = Figure(figsize=(10, 4), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, key, scale, ylabel in [
@@ -44,7 +45,13 @@ def plot_degradation(analysis: Mapping, path) -> Path:
     ]:
         k = analysis["knee"][key]
         x = np.arange(len(k["bits"]))  # the ordinal axis the knee is found on
-        ax.plot(x, np.asarray(k["values"]) * scale, "o-")
+        v = np.asarray(k["values"]) * scale
+        ms = [analysis["per_precision"][n]["metrics"] for n in _by_bits(analysis, k["bits"])]
+        if all(m.get(key + "_ci") and None not in m[key + "_ci"] for m in ms):
+            ci = np.array([m[key + "_ci"] for m in ms]).T * scale
+            ax.errorbar(x, v, yerr=np.abs(ci - v), fmt="o-", capsize=3, label="95% interval")
+        else:
+            ax.plot(x, v, "o-")
         ax.set_xticks(x, [_bit_label(b) for b in k["bits"]])
         if k["knee"] is not None:
             ax.axvline(k["bits"].index(k["knee"]), color="C3", ls="--", label="knee")
@@ -54,6 +61,12 @@ def plot_degradation(analysis: Mapping, path) -> Path:
         ax.set_title(k["statement"], fontsize=8, wrap=True)
         ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def _by_bits(analysis: Mapping, bits) -> list[str]:
+    """The precision names in the order of ``bits`` (the knee's order)."""
+    of = dict(zip(analysis["bits"], analysis["precisions"]))
+    return [of[b] for b in bits]
 
 
 def plot_drift_histograms(
@@ -294,11 +307,12 @@ def plot_layer_protection(analysis: Mapping, path) -> Path:
 
 
 def plot_cascade_tradeoff(
-    result: Mapping, curve_cost, curve_metric, grid_cost, grid_metric, path
+    result: Mapping, curve_cost, curve_metric, grid_cost, grid_metric, path, curve_ci=None
 ) -> Path:
     """The cascade's metric against its relative cost (FP32 alone = 1): every tau vector
-    of the grid (dots), one tau shared by all stages (line), the calibration-chosen point,
-    and each precision alone as a horizontal line."""
+    of the grid (dots), one tau shared by all stages (line, with its ``(G, 2)`` interval
+    ``curve_ci`` shaded), the calibration-chosen point, and each precision alone as a
+    horizontal line."""
     metric = result["metric"]
     scale = 100.0 if metric == "eer" else 1.0
     fig = Figure(figsize=(7, 5), dpi=DPI, layout="constrained")
@@ -307,6 +321,9 @@ def plot_cascade_tradeoff(
         grid_cost, np.asarray(grid_metric) * scale, s=6, alpha=0.25, color="0.5", label="tau grid"
     )
     ax.plot(curve_cost, np.asarray(curve_metric) * scale, "-", color="C0", label="one tau")
+    if curve_ci is not None:
+        lo, hi = np.asarray(curve_ci, np.float64).T * scale
+        ax.fill_between(curve_cost, lo, hi, color="C0", alpha=0.15, label="95% interval")
     for i, (name, sysm) in enumerate(result["systems"].items()):
         ax.axhline(sysm[metric] * scale, ls="--", lw=1, color=f"C{i + 1}", label=f"{name} alone")
     if result["chosen"] is not None:

@@ -11,7 +11,12 @@ import ml_collections
 import numpy as np
 
 from sqjax import fileio, prepare
-from sqjax.experiments.precisions import all_precision_scores, with_data
+from sqjax.experiments.precisions import (
+    all_precision_scores,
+    interval_level,
+    trial_bootstrap,
+    with_data,
+)
 from sqjax.tables import format_table
 from sqjax.workdir import atomic_write, write_json
 
@@ -55,7 +60,11 @@ def analyze(
             all_precision_scores(config, variables, cal_split), cal_split.trials.labels, p_cal
         )
         llrs = cal.apply(s).astype(np.float32)
-    result = scores.score_analysis(s, llrs, labels, names, threshold=threshold)
+    boot = trial_bootstrap(config, split)
+    log.info("intervals: %d %s resamples", boot.n_resamples, boot.level)
+    result = scores.score_analysis(
+        s, llrs, labels, names, threshold=threshold, boot=boot, level=interval_level(config)
+    )
     result["calibration"] = None if cal is None else cal.to_dict()
     result["trials"] = {"data": config.data.test, "trials": config.data.test_trials}
 
@@ -84,28 +93,51 @@ def analyze(
 
 
 def format_analysis(result: dict) -> str:
-    """One table: per precision its metrics, mean |drift| and flips at the FP32 theta."""
+    """One table: per precision its metrics (EER with its interval and its paired
+    difference to FP32), mean |drift| and flips at the FP32 theta."""
+    from sqjax.analysis.uncertainty import format_ci
+
     f = lambda v, spec: "-" if v is None else format(v, spec)
-    rows = [("precision", "EER", "minDCF.01", "minDCF.05", "actDCF.01", "Cllr", "|drift|")]
-    rows[0] += ("harmful", "benefit")
+    ci = "eer_ci" in result["per_precision"][result["fp32"]]["metrics"]
+    rows = [("precision", "EER [95% CI]" if ci else "EER")]
+    rows[0] += ("EER - FP32 [95% CI]",) if ci else ()
+    rows[0] += ("minDCF.01", "minDCF.05", "actDCF.01", "Cllr", "|drift|", "harmful", "benefit")
+    rows[0] += ("McNemar p",) if ci else ()
     for name in result["precisions"]:
         r = result["per_precision"][name]
         m = r["metrics"]
-        rows.append(
-            (
-                name,
-                f(m["eer"], ".4f"),
-                f(m["min_dcf@0.01"], ".4f"),
-                f(m["min_dcf@0.05"], ".4f"),
-                f(m.get("act_dcf@0.01"), ".4f"),
-                f(m.get("cllr"), ".3f"),
-                f(r["drift"]["all"]["mean_abs"], ".4f"),
-                str(r["flips"]["harmful"]),
-                str(r["flips"]["beneficial"]),
-            )
+        row = (name, format_ci(m["eer"], m["eer_ci"]) if ci else f(m["eer"], ".4f"))
+        if ci:
+            row += (format_ci(m["delta_eer"], m["delta_eer_ci"], "+.4f"),)
+        row += (
+            f(m["min_dcf@0.01"], ".4f"),
+            f(m["min_dcf@0.05"], ".4f"),
+            f(m.get("act_dcf@0.01"), ".4f"),
+            f(m.get("cllr"), ".3f"),
+            f(r["drift"]["all"]["mean_abs"], ".4f"),
+            str(r["flips"]["harmful"]),
+            str(r["flips"]["beneficial"]),
         )
+        if ci:
+            tests = r.get("flip_tests")
+            row += (
+                "-"
+                if tests is None or name == result["fp32"]
+                else f(tests["mcnemar"]["p_value"], ".2g"),
+            )
+        rows.append(row)
     theta = result["theta"]
     lines = [format_table(rows)]
     lines.append(f"theta = FP32 {theta['kind']} threshold {f(theta['value'], '.4f')}")
     lines += [f"knee of {key}: {k['statement']}" for key, k in result["knee"].items()]
+    stab = result.get("knee_stability")
+    if stab is not None:
+        b = result["uncertainty"]["bootstrap"]
+        for key in ("eer", "mean_abs_drift"):
+            shares = ", ".join(f"{w}: {v:.0%}" for w, v in stab[key]["share"].items())
+            lines.append(f"knee of {key} over {stab['n']} {b['level']} resamples: {shares}")
+        lines.append(
+            f"intervals: {result['uncertainty']['level']:.0%} {result['uncertainty']['method']}"
+            f", {b['n_resamples']} resamples of {b['n_units']} {b['level']}s"
+        )
     return "\n".join(lines)

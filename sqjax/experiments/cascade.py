@@ -12,7 +12,12 @@ import ml_collections
 import numpy as np
 
 from sqjax import builders, evaluate, fileio, metrics, models, prepare, quant, uniform
-from sqjax.experiments.precisions import all_precision_scores, with_data
+from sqjax.experiments.precisions import (
+    all_precision_scores,
+    interval_level,
+    trial_bootstrap,
+    with_data,
+)
 from sqjax.tables import format_table
 from sqjax.workdir import atomic_write, write_json
 
@@ -123,6 +128,8 @@ def run_cascade(
         cost=cost,
         p_cal=p_cal,
         grid=grid,
+        boot=trial_bootstrap(config, split),
+        level=interval_level(config),
     )
     result["cost_notes"]["macs"] = (
         f"multiply-accumulates of the conv/dense layers per embedding of a {frames}-frame "
@@ -163,6 +170,7 @@ def run_cascade(
             on_test["rel_cost"],
             on_test[metric],
             fig / "cascade_tradeoff.png",
+            curve_ci=curve.get("eer_ci") if metric == "eer" else None,
         )
         if result["chosen"] is not None:
             y = split.trials.labels
@@ -223,16 +231,25 @@ def _deploy_check(config, stage_vars, split, cal, eta_value, taus, analysis_stag
 def format_cascade(result: dict) -> str:
     """The cascade table: each precision alone and the cascade (calibration-chosen and
     test-optimal): metrics, share decided per stage, relative costs; then the notes."""
+    from sqjax.analysis.uncertainty import format_ci
+
     f = lambda v, spec: "-" if v is None else format(v, spec)
     names = result["stages"]
-    head = ("system", "EER", "minDCF.01", "actDCF.01", "Cllr")
+    ci = "eer_ci" in result["systems"][names[-1]]
+    head = ("system", "EER [95% CI]", f"EER - {names[-1]} [95% CI]") if ci else ("system", "EER")
+    head += ("minDCF.01", "actDCF.01", "Cllr")
     head += tuple(f"@{n}" for n in names) + ("rel bitops", "rel MACs", "rel bytes")
     rows = [head]
 
     def row(label, r):
+        eer = (
+            (format_ci(r["eer"], r["eer_ci"]), format_ci(r["delta_eer"], r["delta_eer_ci"], "+.4f"))
+            if ci
+            else (f(r["eer"], ".4f"),)
+        )
         return (
             label,
-            f(r["eer"], ".4f"),
+            *eer,
             f(r["min_dcf@0.01"], ".4f"),
             f(r["act_dcf@0.01"], ".4f"),
             f(r["cllr"], ".3f"),

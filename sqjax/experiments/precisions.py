@@ -65,6 +65,28 @@ def all_precision_scores(config, variables: dict, split: prepare.Split) -> np.nd
     return np.stack([evaluate.cosine_scores(e, enroll, test) for e in emb]).astype(np.float32)
 
 
+def trial_bootstrap(config, split: prepare.Split):
+    """The resamples (``uncertainty.bootstrap``) of ``split``'s trials that
+    ``config.eval.bootstrap`` asks for: every system scored on them shares them."""
+    from sqjax.analysis import uncertainty
+
+    b = config.eval.get("bootstrap") or {}
+    unit = b.get("unit", "speaker")
+    enroll, test = split.trial_speakers() if unit == "speaker" else (None, None)
+    return uncertainty.bootstrap(
+        split.trials.labels,
+        enroll,
+        test,
+        level=unit,
+        n_resamples=int(b.get("n_resamples", 1000)),
+        seed=int(b.get("seed", 0)),
+    )
+
+
+def interval_level(config) -> float:
+    return float((config.eval.get("bootstrap") or {}).get("level", 0.95))
+
+
 def with_data(config, data="", trials="", cal_data="", cal_trials=""):
     """A copy of ``config`` scoring ``data``/``trials`` and calibrating on ``cal_*``."""
     config = ml_collections.ConfigDict(config.to_dict())
