@@ -1,10 +1,13 @@
 """The ``sqjax`` command: synth, train, qat, ptq, export, eval, analyze, layers, grids,
-cascade, study, report, embed, import-wespeaker.
+cascade, study, report, embed, verify, import-wespeaker.
 
 sqjax train --config configs/demo.py --workdir runs/demo [--config.train.num_steps=100]
 sqjax qat   --config configs/qat_demo.py --workdir runs/demo_qat
 sqjax ptq   --workdir runs/demo --bits 8,4,2
 sqjax export --workdir runs/demo_qat/2bit
+sqjax export --workdir runs/demo_qat/2bit --format onnx   # or --model FILE.npz --format onnx
+sqjax export --cascade --study runs/qat_demo --stages 2,4,32 --out bundle/
+sqjax verify --bundle bundle/ --data DIR --enroll LIST --claims FILE
 sqjax eval  --workdir runs/r34 --data /data/vox1 --trials /data/vox1/veri_test2.txt
 sqjax eval  --model runs/demo_qat/2bit/encoder_2bit.npz --data DIR --trials FILE
 sqjax analyze --study runs/qat_demo          # or --workdir runs/demo --ptq 8,4,3,2,1
@@ -158,9 +161,51 @@ def cmd_ptq(args, overrides) -> None:
 def cmd_export(args, overrides) -> None:
     from sqjax import runs
 
+    if args.cascade or args.format == "onnx" or args.model:
+        return _export_deploy(args)
+    if not args.workdir:
+        raise ValueError("give --workdir RUN (--model FILE.npz goes with --format onnx)")
     path, report = runs.export_workdir(args.workdir, args.out, args.bits)
     print(report.format())
     print(f"\nwrote {path} ({path.stat().st_size:,} bytes)")
+
+
+def _export_deploy(args) -> None:
+    from sqjax.deploy import commands
+
+    if args.cascade:
+        if not args.out:
+            raise ValueError("--cascade needs --out BUNDLE_DIR")
+        m = commands.export_cascade(
+            args.out, args.stages, study=args.study, workdir=args.workdir, packing=args.packing
+        )
+        for s in m["stages"]:
+            tau = "decides all" if s["tau"] is None else f"tau {s['tau']:.4f}"
+            print(f"  {s['name']:>6}  {s['file']:<22} {s['bytes']:>10,} B  a {s['a']:+.4f} "
+                  f"b {s['b']:+.4f}  {tau}")  # fmt: skip
+        print(f"\nwrote cascade bundle {args.out} (eta {m['eta']:+.4f}; manifest.json)")
+        return
+    if args.format != "onnx":
+        raise ValueError("--model FILE.npz is already a model file: add --format onnx")
+    path = commands.export_onnx(
+        workdir=args.workdir, model=args.model, out=args.out, bits=args.bits, packing=args.packing
+    )
+    print(f"wrote {path} ({path.stat().st_size:,} bytes, ONNX, {args.packing} indices)")
+
+
+def cmd_verify(args, overrides) -> None:
+    from sqjax.deploy import commands
+
+    r = commands.verify_claims(args.bundle, args.data, args.enroll, args.claims)
+    for speaker, utt, accept, llr, stage in zip(
+        *(r["claims"][k] for k in ("speaker", "utt")), r["accept"], r["llr"], r["stage"]
+    ):
+        print(f"{speaker} {utt} {'accept' if accept else 'reject'} {llr:+.4f} {r['stages'][stage]}")
+    print("\nclaims decided per stage: " + ", ".join(
+        f"{n} {c}" for n, c in zip(r["stages"], r["per_stage"])))  # fmt: skip
+    if "metrics" in r:
+        _print_metrics(r["metrics"], f"metrics of the cascade's LLRs ({args.claims})")
+        print(f"  {'error rate':<14} {r['metrics']['error_rate']:8.4f}   (decisions at eta)")
 
 
 def cmd_eval(args, overrides) -> None:
@@ -169,6 +214,12 @@ def cmd_eval(args, overrides) -> None:
     if args.model:
         if args.workdir or not (args.data and args.trials) or overrides:
             raise ValueError("--model takes --data and --trials, and no --workdir or --config.*")
+        if args.model.endswith(".onnx"):
+            from sqjax.deploy import commands
+
+            result = commands.evaluate_onnx_file(args.model, args.data, args.trials)
+            _print_metrics(result, f"metrics ({args.model}, onnxruntime, {args.trials})")
+            return
         result = runs.evaluate_model_file(args.model, args.data, args.trials)
         _print_metrics(result, f"metrics ({args.model}, {args.trials})")
         return
@@ -186,7 +237,12 @@ def cmd_embed(args, overrides) -> None:
     from sqjax import runs
     from sqjax.workdir import atomic_write
 
-    split, emb = runs.embed_model_file(args.model, args.data)
+    if args.model.endswith(".onnx"):
+        from sqjax.deploy import commands
+
+        split, emb = commands.embed_onnx_file(args.model, args.data)
+    else:
+        split, emb = runs.embed_model_file(args.model, args.data)
     out = Path(args.out)
     atomic_write(out, lambda f: np.save(f, emb))
     utts = out.with_suffix(".utts.txt")
@@ -402,9 +458,22 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(fn=cmd_ptq)
 
     x = sub.add_parser("export", help="write a run's encoder as packed b-bit indices + codebooks")
-    x.add_argument("--workdir", required=True, help="QAT run (or FP32 run with --bits)")
+    x.add_argument("--workdir", default="", help="QAT run (or FP32 run with --bits)")
     x.add_argument("--out", default=None, help="output file (default: WORKDIR/encoder_<b>bit.npz)")
     x.add_argument("--bits", type=int, default=None, help="PTQ width for an FP32 run")
+    x.add_argument("--format", choices=("npz", "onnx"), default="npz", help="npz: sqjax's file")
+    x.add_argument("--model", default="", help="--format onnx of a `sqjax export` .npz file")
+    x.add_argument(
+        "--packing", choices=("bits", "uint8"), default="bits", help="ONNX index storage"
+    )
+    x.add_argument("--cascade", action="store_true", help="a cascade bundle into --out DIR")
+    x.add_argument("--study", default="", help="--cascade: a `sqjax qat` study directory")
+    x.add_argument(
+        "--stages",
+        type=lambda t: tuple(int(b) for b in t.split(",")),
+        default=(2, 4, 8, 32),
+        help="--cascade: the stages of its cascade.json (default 2,4,8,32)",
+    )
     x.set_defaults(fn=cmd_export)
 
     e = sub.add_parser("eval", help="score a trial list with a trained run or a model file")
@@ -533,6 +602,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data", required=True, help="Kaldi data dir or VoxCeleb tree")
     m.add_argument("--out", required=True, help="embeddings .npy (n_utts, dim)")
     m.set_defaults(fn=cmd_embed)
+
+    v = sub.add_parser("verify", help="score claims with a cascade bundle (onnxruntime)")
+    v.add_argument("--bundle", required=True, help="written by `sqjax export --cascade`")
+    v.add_argument("--data", required=True, help="data dir of the enrollment and claim audio")
+    v.add_argument("--enroll", required=True, help="lines 'speaker utt [utt ...]'")
+    v.add_argument("--claims", required=True, help="trial list: claimed speaker, test utt, label")
+    v.set_defaults(fn=cmd_verify)
 
     w = sub.add_parser("import-wespeaker", help="a pretrained WeSpeaker ResNet as a run directory")
     w.add_argument("checkpoint", help="WeSpeaker state dict: avg_model.pt, .safetensors or .npz")

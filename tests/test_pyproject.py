@@ -44,7 +44,8 @@ OPTIONAL = {"torch"}
 
 
 @pytest.mark.parametrize(
-    "folder, extras", [("sqjax", ()), ("bench", ("bench",)), ("tests", ("test",))]
+    "folder, extras",
+    [("sqjax", ("onnx",)), ("bench", ("bench", "onnx")), ("tests", ("test",))],
 )
 def test_imports_are_declared(folder, extras):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

@@ -1,0 +1,275 @@
+"""The deploy commands on files and run directories: ONNX export of a run or model file,
+embedding and scoring with an ONNX file, the cascade bundle, and claims through it.
+
+These read data directories and runs with sqjax (and so JAX); the models they write run
+with ``sqjax.deploy.runtime`` alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from sqjax.deploy import onnx_export, runtime
+
+log = logging.getLogger("sqjax")
+
+__all__ = [
+    "embed_onnx_file",
+    "evaluate_onnx_file",
+    "export_cascade",
+    "export_onnx",
+    "verify_claims",
+]
+
+
+def _fp32_metadata(workdir: Path):
+    """``(variables, metadata)`` of an FP32 run, metadata as ``runs.export_workdir`` writes."""
+    from sqjax import evaluate, runs
+
+    config, state, quantizer = runs.restore_run(workdir)
+    if quantizer is not None:
+        raise ValueError(f"{workdir} is a {config.quant.bits}-bit QAT run, not an FP32 run")
+    meta = runs._model_metadata(config, 32, workdir.absolute())
+    meta["step"] = int(state.step)
+    return evaluate.encoder_variables(state), meta
+
+
+def export_onnx(
+    *,
+    workdir: str | Path = "",
+    model: str | Path = "",
+    out: str | Path | None = None,
+    bits: int | None = None,
+    packing: str = "bits",
+) -> Path:
+    """Writes the ONNX encoder of a run (QAT: its codebooks; FP32: float, or PTQ at
+    ``bits``) or of a ``sqjax export`` model file. Default path: the model file's with
+    ``.onnx``, or ``WORKDIR/encoder_<b>bit.onnx`` (``encoder_fp32.onnx``)."""
+    from sqjax import runs
+
+    if bool(workdir) == bool(model):
+        raise ValueError("give --workdir RUN or --model FILE.npz (one of them)")
+    if model:
+        if bits:
+            raise ValueError("--bits goes with --workdir (PTQ of an FP32 run), not --model")
+        return onnx_export.export_model_file(model, out, packing)
+    workdir = Path(workdir)
+    config = runs.workdir_lib.load_run_config(workdir)
+    if not config.quant.bits and not bits:  # FP32, unquantized
+        variables, meta = _fp32_metadata(workdir)
+        return onnx_export.export_variables(
+            variables, meta, out or workdir / "encoder_fp32.onnx", packing
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        npz, _ = runs.export_workdir(workdir, Path(tmp) / "encoder.npz", bits)
+        b = onnx_export.leaves_from_model_file(npz)[1]["bits"]
+        return onnx_export.export_model_file(npz, out or workdir / f"encoder_{b}bit.onnx", packing)
+
+
+def _onnx_split(path, data: str, trials: str = "", workers: int = 2):
+    from sqjax import prepare
+
+    encoder = runtime.Encoder(path)
+    fe = encoder.metadata["features"]
+    split = prepare.load_split(
+        data,
+        trials or None,
+        sample_rate=fe["sample_rate"],
+        n_mels=fe["n_mels"],
+        cache_dir=None,
+        min_seconds=0.0,
+        workers=workers,
+        progress=True,
+        kind=fe.get("kind", "logmel"),
+    )
+    return encoder, split
+
+
+def embed_onnx_file(path: str | Path, data: str, *, trials: str = "", workers: int = 2):
+    """``(split, embeddings (n_utts, dim))`` of ``data``'s utterances with an ONNX encoder
+    run by onnxruntime (features by sqjax, as ``runs.embed_model_file``)."""
+    encoder, split = _onnx_split(path, data, trials, workers)
+    return split, encoder.embed(split.feats)
+
+
+def evaluate_onnx_file(path: str | Path, data: str, trials: str, **kw) -> dict:
+    """Metrics of an ONNX encoder on a trial list."""
+    from sqjax import evaluate, metrics
+
+    split, emb = embed_onnx_file(path, data, trials=trials, **kw)
+    enroll, test = evaluate.trial_indices(split.corpus.utts, split.trials.enroll, split.trials.test)
+    scores = evaluate.cosine_scores(emb, enroll, test)
+    return {
+        k: float(v) for k, v in metrics.verification_metrics(scores, split.trials.labels).items()
+    }
+
+
+# ------------------------------------------------------------------------------ bundle
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_cascade(
+    out: str | Path,
+    stages,
+    *,
+    study: str | Path = "",
+    workdir: str | Path = "",
+    cascade_json: str | Path = "",
+    packing: str = "bits",
+) -> dict:
+    """Writes a cascade bundle: one ONNX encoder per stage, the calibration, eta and taus
+    of ``sqjax cascade``'s ``cascade.json``, the front end, a versioned ``manifest.json``,
+    and a copy of ``sqjax.deploy.runtime`` (``sqjax_runtime.py``). Returns the manifest.
+
+    Stages come from a ``sqjax qat`` ``study`` (its ``<b>bit`` runs and their FP32 parent)
+    or from an FP32 run ``workdir`` quantized after training; ``cascade_json`` defaults to
+    ``STUDY_OR_RUN/cascade/cascade.json`` and must be of the same stages.
+    """
+    from sqjax import study as study_lib
+    from sqjax import workdir as workdir_lib
+
+    if bool(study) == bool(workdir):
+        raise ValueError(
+            "give --study DIR (a `sqjax qat` study) or --workdir FP32_RUN (PTQ stages)"
+        )
+    names = study_lib.stage_names(stages)
+    source = Path(study or workdir)
+    cj = Path(cascade_json or source / "cascade" / "cascade.json")
+    if not cj.is_file():
+        raise FileNotFoundError(
+            f"{cj}: no cascade result; run `sqjax cascade --{'study' if study else 'workdir'} "
+            f"{source} --stages {','.join(map(str, stages))}` first"
+        )
+    result = json.loads(cj.read_text())
+    if result["stages"] != names:
+        raise ValueError(
+            f"{cj} is the cascade of stages {result['stages']}, not {names}: rerun `sqjax "
+            f"cascade` with --stages {','.join(map(str, stages))}, or give those --stages"
+        )
+    if result.get("chosen") is None:
+        raise ValueError(
+            f"{cj}: no tau kept {result['metric']} within the tolerance on the calibration "
+            "trials; rerun `sqjax cascade` with a larger --tolerance"
+        )
+    if study:
+        sub = next(p for p in sorted(Path(study).glob("*bit")) if (p / "config.json").exists())
+        fp32_dir = Path(workdir_lib.load_run_config(sub).quant.init_from)
+    else:
+        fp32_dir = Path(workdir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, meta = [], None
+    for p, (name, bits) in enumerate(zip(names, stages)):
+        file = out / f"stage{p}_{name}.onnx"
+        if bits == 32:
+            export_onnx(workdir=fp32_dir, out=file, packing=packing)
+        elif study:
+            run = Path(study) / name
+            if not (run / "config.json").exists():
+                raise FileNotFoundError(f"{run}: no {name} QAT run in the study")
+            export_onnx(workdir=run, out=file, packing=packing)
+        else:
+            export_onnx(workdir=fp32_dir, bits=bits, out=file, packing=packing)
+        meta = runtime.Encoder(file).metadata
+        cal = result["calibration"]
+        rows.append({
+            "name": name, "bits": bits, "file": file.name, "bytes": file.stat().st_size,
+            "sha256": _sha256(file), "a": cal["a"][p], "b": cal["b"][p],
+            "tau": result["chosen"]["taus"][p] if p < len(names) - 1 else None,
+        })  # fmt: skip
+    fe = meta["features"]
+    if fe.get("kind", "logmel") == "logmel":
+        import librosa
+
+        n_fft = 1 << (round(fe["sample_rate"] * fe["win_ms"] / 1000) - 1).bit_length()
+        mel = librosa.filters.mel(sr=fe["sample_rate"], n_fft=n_fft, n_mels=fe["n_mels"])
+        np.savez(out / "frontend.npz", mel=mel.astype(np.float32))
+    shutil.copyfile(runtime.__file__, out / "sqjax_runtime.py")
+    manifest = {
+        "format": runtime.BUNDLE_FORMAT,
+        "version": runtime.BUNDLE_VERSION,
+        "stages": rows,
+        "eta": result["eta"]["value"],
+        "eta_kind": result["eta"]["kind"],
+        "p_target_calibration": result["calibration"]["p_target"],
+        "metric": result["metric"],
+        "tolerance": result["tolerance"],
+        "features": fe,
+        "source": {"dir": str(source.absolute()), "cascade_json": str(cj.absolute())},
+        "runtime": "sqjax_runtime.py: from sqjax_runtime import Verifier (numpy + onnxruntime)",
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _read_enroll(path: str | Path) -> dict[str, list[str]]:
+    """``speaker utt [utt ...]`` per line (utterance ids of the data dir)."""
+    out: dict[str, list[str]] = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 2:
+            raise ValueError(f"{path}:{n}: expected 'speaker utt [utt ...]', got {line!r}")
+        out.setdefault(parts[0], []).extend(parts[1:])
+    if not out:
+        raise ValueError(f"{path}: no enrollments")
+    return out
+
+
+def verify_claims(bundle: str | Path, data: str, enroll: str, claims: str) -> dict:
+    """Enrolls each speaker of ``enroll`` and scores each claim of ``claims`` (a trial list
+    whose first column is the claimed speaker) with a bundle's ``Verifier``.
+
+    Returns ``{"accept", "llr", "stage" (per claim), "per_stage" (claims decided at each
+    stage), "embedded" (embeddings computed per stage), "metrics"}``.
+    """
+    from sqjax import data as data_lib
+    from sqjax import metrics
+
+    verifier = runtime.Verifier(bundle)
+    corpus = data_lib.read_corpus(data)
+    path_of = dict(zip(corpus.utts, corpus.paths))
+    sr = verifier.frontend["sample_rate"]
+
+    def wave(utt):
+        if utt not in path_of:
+            raise ValueError(f"utterance {utt!r} is not in {data}")
+        return data_lib.load_audio(path_of[utt], sr)
+
+    for speaker, utts in _read_enroll(enroll).items():
+        verifier.enroll(speaker, [wave(u) for u in utts])
+    enrolled = verifier.embedded.copy()
+    trials = data_lib.read_trials(claims)
+    missing = sorted(set(trials.enroll) - set(verifier.speakers))
+    if missing:
+        raise ValueError(f"{claims}: claims of speakers not in {enroll}: {missing[:5]}")
+    out = [verifier.verify(s, wave(u)) for s, u in zip(trials.enroll, trials.test)]
+    accept, llr, stage = (np.array(x) for x in zip(*out))
+    result = {
+        "stages": verifier.stages,
+        "claims": {"speaker": trials.enroll, "utt": trials.test},
+        "accept": accept,
+        "llr": llr,
+        "stage": stage,
+        "per_stage": np.bincount(stage, minlength=len(verifier.stages)),
+        "embedded_enroll": enrolled,
+        "embedded_claims": verifier.embedded - enrolled,
+        "labels": trials.labels,
+    }
+    if trials.labels.any() and not trials.labels.all():
+        result["metrics"] = {
+            k: float(v) for k, v in metrics.verification_metrics(llr, trials.labels).items()
+        }
+        result["metrics"]["error_rate"] = float(np.mean(accept != trials.labels))
+    return result
