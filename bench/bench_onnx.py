@@ -55,15 +55,15 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from sqjax import evaluate, export, runs, train
+    from sqjax import builders, evaluate, export, runs
     from sqjax.config import load_config
     from sqjax.deploy import onnx_export, runtime
 
     config = load_config(str(ROOT / "configs" / "demo.py"))
-    enc = train.build_encoder(config)
+    enc = builders.build_encoder(config)
     variables = enc.init(jax.random.key(0), jnp.zeros((1, 200, 80)))
     tmp = Path(tempfile.mkdtemp(prefix="bench_onnx_"))
-    q = train.build_quantizer(config, args.bits)
+    q = builders.build_quantizer(config, args.bits)
     state = q.init(variables["params"])
     floats = jax.tree.map(lambda _: None, variables["batch_stats"])
     state = type(state)(*({"params": f, "batch_stats": floats} for f in state))
@@ -102,7 +102,7 @@ def main() -> None:
 
     # sqjax, the same b-bit model (JAX, jitted), in this process.
     cfg, v = runs.load_model_file(npz)
-    embed = evaluate.jitted_embed(train.build_encoder(cfg))
+    embed = evaluate.jitted_embed(builders.build_encoder(cfg))
     x = jnp.asarray(
         np.random.default_rng(0).normal(size=(args.batch, args.frames, 80)), jnp.float32
     )

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sqjax import cli, prepare, study
+from sqjax import cli, prepare
 from sqjax.analysis import calibration, cascade
+from sqjax.experiments import precisions
 
 pytest.importorskip("onnxruntime")
 
@@ -82,11 +83,11 @@ print(json.dumps({"out": out, "jax": "jax" in sys.modules and sys.modules["jax"]
 def test_verifier_without_jax_decides_as_the_analysis_path(bundle, tmp_path):
     run, out = bundle
     result = json.loads((run / "cascade" / "cascade.json").read_text())
-    config, variables = study.ptq_precisions(run, (2, 4))
+    config, variables = precisions.ptq_precisions(run, (2, 4))
     names = result["stages"]
     split = prepare.test_data(config)
     # The analysis path: every stage's scores from one batched pass, calibrated, decided.
-    s = study.all_precision_scores(config, {n: variables[n] for n in names}, split)
+    s = precisions.all_precision_scores(config, {n: variables[n] for n in names}, split)
     llr = calibration.Calibration(**result["calibration"]).apply(s)
     eta, taus = result["eta"]["value"], result["chosen"]["taus"]
     stage = cascade.decided_stage(llr, eta, taus)[0]

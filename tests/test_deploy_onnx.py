@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sqjax import export, quant, runs, train, uniform
+from sqjax import builders, export, quant, runs, uniform
 from sqjax.cli import main
 from sqjax.config import default_config
 
@@ -33,7 +33,7 @@ def _variables(config, seed=0):
     """Random encoder variables of the config's shapes (``jax.eval_shape``: no compiles),
     BatchNorm parameters and statistics far from 1/0, so a mix-up of scale, shift, mean
     or variance in the folding cannot go unnoticed."""
-    enc = train.build_encoder(config)
+    enc = builders.build_encoder(config)
     shapes = jax.eval_shape(lambda: enc.init(jax.random.key(0), jnp.zeros((1, 120, enc.n_mels))))
     rng = np.random.default_rng(seed)
 
@@ -112,7 +112,7 @@ def _model_file(path, config, variables, bits, method="kmeans", per_channel=Fals
 
 def _jax_embeddings(model_file, x):
     config, variables = runs.load_model_file(model_file)
-    return np.asarray(train.build_encoder(config).apply(variables, jnp.asarray(x)))
+    return np.asarray(builders.build_encoder(config).apply(variables, jnp.asarray(x)))
 
 
 def _rel_err(a, b) -> float:
@@ -162,7 +162,7 @@ def test_fp32_and_uint8_indices_and_dynamic_shapes(tiny, tmp_path):
     fp32 = onnx_export.export_variables(
         variables, runs._model_metadata(config, 32, tmp_path), tmp_path / "fp32.onnx"
     )
-    enc = train.build_encoder(config)
+    enc = builders.build_encoder(config)
     for frames, batch in ((101, 1), (233, 5)):  # one file, any batch and length
         x = _feats(batch, frames)
         ref = np.asarray(enc.apply(variables, x))
@@ -274,7 +274,7 @@ def test_imported_wespeaker_model(tmp_path):
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     config = _config(**wespeaker.geometry(state))
     config.features.kind = "kaldi"
-    variables = wespeaker.to_variables(state, train.build_encoder(config))
+    variables = wespeaker.to_variables(state, builders.build_encoder(config))
     x = _feats(2, 150)
     meta = runs._model_metadata(config, 32, tmp_path)
     fp32 = onnx_export.export_variables(variables, meta, tmp_path / "ws.onnx")

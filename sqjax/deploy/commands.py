@@ -135,14 +135,14 @@ def export_cascade(
     or from an FP32 run ``workdir`` quantized after training; ``cascade_json`` defaults to
     ``STUDY_OR_RUN/cascade/cascade.json`` and must be of the same stages.
     """
-    from sqjax import study as study_lib
     from sqjax import workdir as workdir_lib
+    from sqjax.experiments import cascade as cascade_lib
 
     if bool(study) == bool(workdir):
         raise ValueError(
             "give --study DIR (a `sqjax qat` study) or --workdir FP32_RUN (PTQ stages)"
         )
-    names = study_lib.stage_names(stages)
+    names = cascade_lib.stage_names(stages)
     source = Path(study or workdir)
     cj = Path(cascade_json or source / "cascade" / "cascade.json")
     if not cj.is_file():
