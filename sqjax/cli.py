@@ -16,14 +16,16 @@ sqjax embed --model runs/demo_qat/2bit/encoder_2bit.npz --data DIR --out emb.npy
 sqjax synth --out data/synth --speakers 100
 sqjax import-wespeaker avg_model.pt --model resnet34 --out runs/ws_r34 [--data DIR --trials FILE]
 
-Expected errors (bad data, trials, run dirs, config values) print one line,
+Expected errors (bad data, trials, run dirs, config values, no readable checkpoint, a full
+or read-only disk) print one line,
 ``sqjax <command>: error: <message>``, and exit with status 2; ``--debug`` shows the
-traceback.
+traceback. Any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -32,6 +34,14 @@ from pathlib import Path
 # Errors a user can fix (bad data, trial list, run directory, config value): one line.
 # DataError and ConfigError are ValueErrors.
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+# OSErrors of the machine, not of sqjax: the disk is full or the directory not writable.
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "free some space, or write elsewhere",
+    errno.EDQUOT: "free some space, or write elsewhere",
+    errno.EROFS: "write elsewhere (a read-only file system)",
+    errno.EACCES: "make it writable, or write elsewhere",
+    errno.EPERM: "make it writable, or write elsewhere",
+}
 
 
 def _set_cpu_devices(n: int) -> None:
@@ -174,7 +184,8 @@ def cmd_eval(args, overrides) -> None:
     result = runs.evaluate_workdir(
         args.workdir, data=args.data, trials=args.trials, step=args.step, overrides=overrides
     )
-    _print_metrics(result, f"metrics ({args.workdir}, {args.trials or 'config test trials'})")
+    trials = args.trials or "config test trials"
+    _print_metrics(result, f"metrics ({args.workdir} at step {result['step']}, {trials})")
 
 
 def cmd_embed(args, overrides) -> None:
@@ -252,18 +263,19 @@ def cmd_grids(args, overrides) -> None:
     if args.qat_config and not args.qat_bits:
         raise ValueError("--qat-config sets the QAT runs of --qat-bits: give --qat-bits too")
 
+    qat_config = config_lib.load_config(args.qat_config, overrides) if args.qat_config else None
+    out = Path(args.out or Path(args.workdir) / "grids")
     result = study.compare_grids(
         args.workdir,
         args.bits,
         args.out or None,
         qat_studies=args.qat,
         qat_bits=args.qat_bits,
-        qat_config=config_lib.load_config(args.qat_config, overrides) if args.qat_config else None,
+        qat_config=qat_config,
         symmetric=args.symmetric,
         scale=args.scale,
         **_trials(args, cal=False),
     )
-    out = Path(args.out or Path(args.workdir) / "grids")
     print(study.format_grids(result))
     print(f"\nwrote {out}/grids.csv, grids.json, figures/grids.png")
 
@@ -372,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
         "README, Speed on a CPU); no effect on GPUs and TPUs",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks of expected errors")
+    p.add_argument(
+        "--strict-restore",
+        action="store_true",
+        help="refuse a run whose latest checkpoint cannot be read (default: use the newest "
+        "readable one, saying which)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an FP32 encoder, then score the test trials")
@@ -564,13 +582,30 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "jax", "orbax"):  # orbax logs every checkpoint's options at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from sqjax import workdir as workdir_lib
+
     try:
-        args.fn(args, rest)
-    except EXPECTED_ERRORS as e:
+        with workdir_lib.strict_restore(args.strict_restore):
+            args.fn(args, rest)
+    except (*EXPECTED_ERRORS, workdir_lib.WorkdirError) as e:
         if args.debug:
             raise
-        print(f"sqjax {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(args, _one_line(str(e)))
+    except OSError as e:
+        if args.debug or e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        _fail(args, f"{e.strerror or os.strerror(e.errno)}{where} ({ENVIRONMENT_ERRNOS[e.errno]})")
+
+
+def _one_line(message: str) -> str:
+    lines = message.strip().splitlines() or [""]
+    return lines[0] + (" (--debug shows the rest)" if len(lines) > 1 else "")
+
+
+def _fail(args, message: str) -> None:
+    print(f"sqjax {args.command}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ log = logging.getLogger("sqjax")
 # ------------------------------------------------------------------------ runs on disk
 
 
-def restore_run(workdir: str | Path, step: int | None = None, overrides=()):
-    """``(config, state, quantizer)`` of a training run's checkpoint (latest by default).
+def restore_run(
+    workdir: str | Path, step: int | None = None, overrides=(), *, strict: bool | None = None
+):
+    """``(config, state, quantizer)`` of a training run's checkpoint (by default the newest
+    readable one; ``strict``: the latest or an error, see ``workdir.restore_newest``).
 
     ``quantizer`` is None for FP32 runs; ``overrides`` are ``--config.key=value`` items.
     """
@@ -40,7 +43,8 @@ def restore_run(workdir: str | Path, step: int | None = None, overrides=()):
     config_lib.apply_overrides(config, list(overrides), source=Path(workdir) / "config.json")
     template, quantizer = train.state_template(config)
     replicated = NamedSharding(train.make_mesh(), P())
-    return config, workdir_lib.restore_latest(workdir, template, replicated, step), quantizer
+    state = workdir_lib.restore_latest(workdir, template, replicated, step, strict=strict)
+    return config, state, quantizer
 
 
 def _fp32_init(init_from: str) -> train.TrainState:

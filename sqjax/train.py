@@ -436,9 +436,9 @@ def train(
                 state = _from_init(init(), state)
             # Fitted to the FP32 start, or a restore template for the checkpoint's codebooks.
             state = with_codebooks(state, quantizer, tx, learns_quantizer(config))
-        if start is not None:
+        if start is not None:  # the newest readable step; damaged later ones set aside
+            start, state = workdir_lib.restore_newest(mngr, state, replicated, set_aside=True)
             log.info("resuming %s from step %d", workdir, start)
-            state = workdir_lib.restore(mngr, start, state, replicated)
         start = start or 0
         state = jax.device_put(state, replicated)
 

@@ -1,7 +1,11 @@
 """The one atomic-write helper: whole files, and the permissions a plain open() gives."""
 
+import logging
 import os
+import shutil
 
+import jax
+import numpy as np
 import pytest
 
 from sqjax.workdir import atomic_write
@@ -49,3 +53,89 @@ def test_a_run_older_than_a_new_setting_resumes_at_its_default(tmp_path):
     other.train.num_steps += 1
     with pytest.raises(ValueError, match=r"changed: train\.num_steps\)"):
         check_resumable(tmp_path, other)
+
+
+# ------------------------------------------------------------------ damaged checkpoints
+
+
+def _copy_run(run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def _overwrite_data_files(step_dir):
+    """Zeroes every array chunk of a checkpoint (as after a bad copy), sizes unchanged."""
+    files = [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files, f"no data files under {step_dir}: orbax's layout changed?"
+    for p in files:
+        p.write_bytes(b"\0" * p.stat().st_size)
+
+
+def _remove_commit_marker(step_dir):
+    # Orbax writes it into the temporary folder just before the rename that commits it.
+    (step_dir / "commit_success.txt").unlink()
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _assert_equal_trees(a, b):
+    la, lb = _leaves(a), _leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("damage", [_overwrite_data_files, _remove_commit_marker])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_readable(
+    tiny_run, tmp_path, caplog, damage
+):
+    from sqjax import runs
+    from sqjax.workdir import CheckpointError, strict_restore
+
+    _, run = tiny_run
+    _, step1, _ = runs.restore_run(run, step=1)
+    _, step2, _ = runs.restore_run(run, step=2)
+    assert not np.array_equal(*(_leaves(s.params)[0] for s in (step1, step2)))
+    workdir = _copy_run(run, tmp_path)
+    damage(workdir / "checkpoints" / "2")
+    with caplog.at_level(logging.WARNING, logger="sqjax"):
+        _, state, _ = runs.restore_run(workdir)
+    assert int(state.step) == 1
+    _assert_equal_trees(state, step1)  # the intact step 1, as the undamaged run holds it
+    [line] = [r.getMessage() for r in caplog.records if r.name == "sqjax"]
+    assert line.startswith(f"checkpoint step 2 of {workdir} cannot be read (")
+    assert line.endswith("; using step 1, the newest readable one") and "\n" not in line
+    with pytest.raises(CheckpointError, match=r"step 2 .* strict restore refuses"):
+        runs.restore_run(workdir, strict=True)
+    with strict_restore(), pytest.raises(CheckpointError, match="strict restore refuses"):
+        runs.restore_run(workdir)
+    with pytest.raises(CheckpointError, match=r"step 2 of .* cannot be read"):
+        runs.restore_run(workdir, step=2)  # a step asked for is never replaced
+    with pytest.raises(CheckpointError, match=r"no checkpoint step 7 .* \(steps: 1, 2\)"):
+        runs.restore_run(workdir, step=7)
+    # (All markers gone reads as a run by an orbax that wrote none: damage step 1's data.)
+    _overwrite_data_files(workdir / "checkpoints" / "1")
+    with pytest.raises(
+        CheckpointError, match=r"no checkpoint of .* can be read \(step 2: .*step 1"
+    ):
+        runs.restore_run(workdir)
+    assert not (workdir / "checkpoints-damaged").exists()  # readers move nothing
+
+
+def test_training_resumes_from_the_newest_readable_checkpoint(tiny_run, tmp_path, caplog):
+    from sqjax import runs
+
+    config, run = tiny_run
+    workdir = _copy_run(run, tmp_path)
+    _overwrite_data_files(workdir / "checkpoints" / "2")
+    with caplog.at_level(logging.WARNING, logger="sqjax"):
+        runs.train_and_evaluate(config, workdir)
+    assert any(f"moved to {workdir}/checkpoints-damaged/" in r.getMessage() for r in caplog.records)
+    assert (workdir / "checkpoints-damaged" / "2" / "default").is_dir()  # kept, out of the way
+    _, resumed, _ = runs.restore_run(workdir)
+    _, full, _ = runs.restore_run(run)
+    assert int(resumed.step) == 2
+    _assert_equal_trees(resumed, full)  # step 2 trained again from step 1: bit-identical
