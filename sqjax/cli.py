@@ -16,15 +16,22 @@ sqjax embed --model runs/demo_qat/2bit/encoder_2bit.npz --data DIR --out emb.npy
 sqjax synth --out data/synth --speakers 100
 sqjax import-wespeaker avg_model.pt --model resnet34 --out runs/ws_r34 [--data DIR --trials FILE]
 
-Expected errors (bad data, trials, run dirs, config values, no readable checkpoint, a full
-or read-only disk) print one line,
+Expected errors (bad data, trials, run dirs, config values, a run directory in use, no
+readable checkpoint, a full or read-only disk) print one line,
 ``sqjax <command>: error: <message>``, and exit with status 2; ``--debug`` shows the
 traceback. Any other exception is a bug and shows its traceback.
+
+Commands that write a directory hold its lock (``sqjax.workdir.lock``) while they run:
+train, qat, study (the run or study directory), ptq and export (the run directory; export
+to an ``--out`` file elsewhere takes none), analyze, layers, grids and cascade (their
+output directory), import-wespeaker and synth (``--out``), report (``DIR/report``). eval
+and embed only read (their outputs are whole files, written atomically).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -42,6 +49,18 @@ ENVIRONMENT_ERRNOS = {
     errno.EACCES: "make it writable, or write elsewhere",
     errno.EPERM: "make it writable, or write elsewhere",
 }
+
+
+def _writing(path, args) -> contextlib.AbstractContextManager:
+    """The lock of the directory ``path`` this command writes, held by process 0 alone in
+    a multi-host run (``sqjax.workdir.lock``); call after ``_init_distributed``."""
+    import jax
+
+    from sqjax import workdir as workdir_lib
+
+    if jax.process_index() != 0:
+        return contextlib.nullcontext()
+    return workdir_lib.lock(path, command=" ".join(["sqjax", *args.argv]))
 
 
 def _set_cpu_devices(n: int) -> None:
@@ -134,7 +153,8 @@ def cmd_train(args, overrides) -> None:
 
     config = config_lib.load_config(args.config, overrides)
     _init_distributed(config)
-    result = runs.train_and_evaluate(config, args.workdir)
+    with _writing(args.workdir, args):
+        result = runs.train_and_evaluate(config, args.workdir)
     _print_metrics(result, f"test metrics ({args.workdir})")
 
 
@@ -144,7 +164,8 @@ def cmd_qat(args, overrides) -> None:
 
     config = config_lib.load_config(args.config, overrides)
     _init_distributed(config)
-    _print_table(study.quantization_study(config, args.workdir))
+    with _writing(args.workdir, args):
+        _print_table(study.quantization_study(config, args.workdir))
 
 
 def _print_table(rows: dict) -> None:
@@ -159,13 +180,15 @@ def _print_table(rows: dict) -> None:
 def cmd_ptq(args, overrides) -> None:
     from sqjax import runs
 
-    _print_table(runs.ptq_workdir(args.workdir, args.bits, bn_utts=args.bn_utts))
+    with _writing(args.workdir, args):
+        _print_table(runs.ptq_workdir(args.workdir, args.bits, bn_utts=args.bn_utts))
 
 
 def cmd_export(args, overrides) -> None:
     from sqjax import runs
 
-    path, report = runs.export_workdir(args.workdir, args.out, args.bits)
+    with _writing(args.workdir, args) if not args.out else contextlib.nullcontext():
+        path, report = runs.export_workdir(args.workdir, args.out, args.bits)
     print(report.format())
     print(f"\nwrote {path} ({path.stat().st_size:,} bytes)")
 
@@ -220,13 +243,14 @@ def cmd_analyze(args, overrides) -> None:
 
     config, variables = _precisions(args, (8, 4, 3, 2, 1))
     out = Path(args.out or Path(args.study or args.workdir) / "analysis")
-    result = study.analyze(
-        config,
-        variables,
-        out,
-        **_trials(args),
-        threshold=args.threshold,
-    )
+    with _writing(out, args):
+        result = study.analyze(
+            config,
+            variables,
+            out,
+            **_trials(args),
+            threshold=args.threshold,
+        )
     print("\n" + study.format_analysis(result))
     print(f"\nwrote {out}/scores.npz, score_analysis.json, figures/")
 
@@ -244,14 +268,15 @@ def cmd_layers(args, overrides) -> None:
         pc = ("--config.quant.per_channel=True",) if args.per_channel else ()
         config, jobs = study.ptq_layer_jobs(args.workdir, args.bits or (2,), args.protect, pc)
     out = Path(args.out or Path(args.study or args.workdir) / "layers")
-    result = study.analyze_layers(
-        config,
-        jobs,
-        out,
-        **_trials(args),
-        tolerance=args.tolerance,
-        threshold=args.threshold,
-    )
+    with _writing(out, args):
+        result = study.analyze_layers(
+            config,
+            jobs,
+            out,
+            **_trials(args),
+            tolerance=args.tolerance,
+            threshold=args.threshold,
+        )
     print(study.format_layers(result, top=args.top))
     print(f"\nwrote {out}/layers.csv, layer_analysis.json, figures/")
 
@@ -265,17 +290,18 @@ def cmd_grids(args, overrides) -> None:
 
     qat_config = config_lib.load_config(args.qat_config, overrides) if args.qat_config else None
     out = Path(args.out or Path(args.workdir) / "grids")
-    result = study.compare_grids(
-        args.workdir,
-        args.bits,
-        args.out or None,
-        qat_studies=args.qat,
-        qat_bits=args.qat_bits,
-        qat_config=qat_config,
-        symmetric=args.symmetric,
-        scale=args.scale,
-        **_trials(args, cal=False),
-    )
+    with _writing(out, args):
+        result = study.compare_grids(
+            args.workdir,
+            args.bits,
+            args.out or None,
+            qat_studies=args.qat,
+            qat_bits=args.qat_bits,
+            qat_config=qat_config,
+            symmetric=args.symmetric,
+            scale=args.scale,
+            **_trials(args, cal=False),
+        )
     print(study.format_grids(result))
     print(f"\nwrote {out}/grids.csv, grids.json, figures/grids.png")
 
@@ -286,17 +312,18 @@ def cmd_cascade(args, overrides) -> None:
     config, variables = _precisions(args, tuple(b for b in args.stages if b != 32))
     eta = args.eta if args.eta == "eer" else float(args.eta)
     out = Path(args.out or Path(args.study or args.workdir) / "cascade")
-    result = study.run_cascade(
-        config,
-        variables,
-        args.stages,
-        out,
-        **_trials(args),
-        metric=args.metric,
-        tolerance=args.tolerance,
-        eta=eta,
-        cost=args.cost,
-    )
+    with _writing(out, args):
+        result = study.run_cascade(
+            config,
+            variables,
+            args.stages,
+            out,
+            **_trials(args),
+            metric=args.metric,
+            tolerance=args.tolerance,
+            eta=eta,
+            cost=args.cost,
+        )
     print(study.format_cascade(result))
     print(f"\nwrote {out}/cascade.json, cascade_curve.csv, figures/")
 
@@ -307,7 +334,8 @@ def cmd_study(args, overrides) -> None:
 
     config = config_lib.load_config(args.config, overrides)
     _init_distributed(config)
-    summary = study.run_study(config, args.workdir)
+    with _writing(args.workdir, args):
+        summary = study.run_study(config, args.workdir)
     print("\n" + study.format_study(summary))
     print(f"\nreport: {Path(args.workdir) / 'report' / 'index.html'} (and report.md)")
 
@@ -315,7 +343,8 @@ def cmd_study(args, overrides) -> None:
 def cmd_report(args, overrides) -> None:
     from sqjax import study
 
-    summary = study.write_report(args.dir)
+    with _writing(Path(args.dir) / "report", args):
+        summary = study.write_report(args.dir)
     print(study.format_study(summary))
     print(f"\nwrote {Path(args.dir) / 'report'}/index.html, report.md, report.json")
 
@@ -325,9 +354,10 @@ def cmd_import_wespeaker(args, overrides) -> None:
 
     if bool(args.data) != bool(args.trials):
         raise ValueError("give both --data and --trials (the run's test set), or neither")
-    config = wespeaker.import_wespeaker(
-        args.checkpoint, args.out, model=args.model, data=args.data, trials=args.trials
-    )
+    with _writing(args.out, args):
+        config = wespeaker.import_wespeaker(
+            args.checkpoint, args.out, model=args.model, data=args.data, trials=args.trials
+        )
     m = config.model
     print(
         f"wrote {args.out}: {m.name} {tuple(m.stage_sizes)} x{m.width}, {m.n_mels} Kaldi fbank "
@@ -340,15 +370,16 @@ def cmd_import_wespeaker(args, overrides) -> None:
 def cmd_synth(args, overrides) -> None:
     from sqjax import synth
 
-    root = synth.generate_corpus(
-        args.out,
-        n_train_speakers=args.speakers,
-        n_test_speakers=args.test_speakers,
-        utts_per_speaker=args.utts,
-        difficulty=args.difficulty,
-        seed=args.seed,
-        workers=args.workers,
-    )
+    with _writing(args.out, args):
+        root = synth.generate_corpus(
+            args.out,
+            n_train_speakers=args.speakers,
+            n_test_speakers=args.test_speakers,
+            utts_per_speaker=args.utts,
+            difficulty=args.difficulty,
+            seed=args.seed,
+            workers=args.workers,
+        )
     print(f"corpus in {root}: train/, dev/, test/ (Kaldi data dirs with trials)")
 
 
@@ -573,6 +604,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # a command of its own (not called from Python): huge pages first
         _rerun_with_hugepages()
     args, rest = build_parser().parse_known_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded in the lock file
     bad = [a for a in rest if not a.startswith("--config.")]
     if rest and args.command not in ("train", "qat", "eval", "study"):
         bad = rest  # these commands take no config

@@ -421,7 +421,10 @@ def train(
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     state = create_train_state(jax.random.key(config.seed), encoder, head, tx, t.n_frames)
-    with workdir_lib.checkpoint_manager(workdir, t.keep_checkpoints) as mngr:
+    # One writer per run directory (process 0 holds the lock for all); taken before the
+    # manager, which deletes the temporary folders of unfinished saves.
+    writing = workdir_lib.lock(workdir) if is_main else contextlib.nullcontext()
+    with writing, workdir_lib.checkpoint_manager(workdir, t.keep_checkpoints) as mngr:
         start = mngr.latest_step()
         if start is not None:
             workdir_lib.check_resumable(workdir, config)

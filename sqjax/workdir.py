@@ -1,10 +1,11 @@
-"""A run directory: ``config.json``, orbax checkpoints, the resume policy, and the
-package's one atomic-write helper. A run directory may be local or remote
+"""A run directory: ``config.json``, orbax checkpoints, the resume policy, the writer's
+lock, and the package's one atomic-write helper. A run directory may be local or remote
 (``gs://``, ``s3://``; ``file://`` URLs are local), see ``sqjax.fileio``.
 
-Readers see only whole files (``atomic_write``, and orbax commits a checkpoint by
-renaming its folder). A checkpoint that cannot be read is skipped for the newest readable
-one (``restore_newest``), unless restoring is strict.
+One writer at a time: commands that write a run directory hold its ``lock`` (a
+``.sqjax.lock`` file there); readers take none, and see only whole files (``atomic_write``,
+and orbax commits a checkpoint by renaming its folder). A checkpoint that cannot be read
+is skipped for the newest readable one (``restore_newest``), unless restoring is strict.
 
 Restoring takes its template and sharding from the caller, so this module imports
 nothing of sqjax above it. JAX and orbax are imported where used: the corpus generator's
@@ -15,11 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import datetime
+import errno
+import fcntl
 import io
 import json
 import logging
 import os
 import re
+import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +41,10 @@ log = logging.getLogger("sqjax")
 class WorkdirError(RuntimeError):
     """A run directory the user must act on: in use by another command, or without a
     checkpoint that can be read."""
+
+
+class WorkdirInUse(WorkdirError):
+    """Another process holds the run directory's lock."""
 
 
 class CheckpointError(WorkdirError):
@@ -304,6 +314,103 @@ def restore_latest(
                 f"checkpoint step {step} of {workdir} cannot be read ({_reason(e)}); leave "
                 "out the step for the newest readable one"
             ) from e
+
+
+LOCK_FILE = ".sqjax.lock"
+
+# Locks this process holds: {lock file: [open file, depth]}. A command holding its run
+# directory's lock calls library functions that take it again (train.train).
+_HELD: dict[str, list] = {}
+
+
+def _holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on {h['host']} (`{h['command']}`, since {h['since']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process (just starting: its record is not written yet)"
+
+
+def _gone(text: str) -> bool:
+    """Whether the holder recorded in ``text`` is a process of this host that has ended."""
+    try:
+        h = json.loads(text)
+        if h["host"] != socket.gethostname():
+            return False
+        os.kill(int(h["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, KeyError, TypeError, PermissionError):
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def lock(workdir: str | os.PathLike, command: str | None = None) -> Iterator[None]:
+    """Holds the writer's lock of ``workdir`` (created if need be): one command at a time.
+
+    The lock is an ``fcntl.flock`` on ``workdir/.sqjax.lock``, which records the holder's
+    pid, host, ``command`` (default: this process's arguments) and start time. The kernel
+    releases it when the holder ends, however it ends; a record left by a holder that was
+    killed is taken over with a logged notice. Another holder is a ``WorkdirInUse`` error
+    naming it. The same process may take a lock it holds again (nested calls).
+
+    Multi-host runs: only process 0 takes it (the run directory is shared storage, and
+    every process writes through process 0's files or orbax's coordinated saves); callers
+    skip it elsewhere. Directories on an object store (``gs://``) have no lock.
+    """
+    if fileio.is_remote(workdir):
+        yield
+        return
+    folder = Path(os.path.abspath(fileio.local(workdir)))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = str((folder / LOCK_FILE).resolve())
+    if path in _HELD:
+        _HELD[path][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[path][1] -= 1
+        return
+    # a+: the holder's record stays until the lock is ours; held past this function.
+    f = open(path, "a+", encoding="utf-8")  # noqa: SIM115
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            f.seek(0)
+            raise WorkdirInUse(
+                f"{folder} is in use by {_holder(f.read())}: wait for it to end (or stop "
+                "it), or give another directory"
+            ) from None
+        f.seek(0)
+        old = f.read()
+        if old.strip():
+            state = "it has ended" if _gone(old) else "it no longer holds it"
+            log.warning("taking over the lock of %s from %s: %s", folder, _holder(old), state)
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command or " ".join(sys.argv),
+            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+    except BaseException:
+        f.close()
+        raise
+    _HELD[path] = [f, 1]
+    try:
+        yield
+    finally:
+        del _HELD[path]
+        with contextlib.suppress(OSError):  # a full disk may refuse even this
+            f.truncate(0)  # a clean end leaves no record: the next holder gives no notice
+        f.close()  # releases the flock
 
 
 def truncate_log(path: str | os.PathLike, step: int) -> None:

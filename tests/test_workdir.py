@@ -1,8 +1,13 @@
 """The one atomic-write helper: whole files, and the permissions a plain open() gives."""
 
+import json
 import logging
 import os
 import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -139,3 +144,84 @@ def test_training_resumes_from_the_newest_readable_checkpoint(tiny_run, tmp_path
     _, full, _ = runs.restore_run(run)
     assert int(resumed.step) == 2
     _assert_equal_trees(resumed, full)  # step 2 trained again from step 1: bit-identical
+
+
+# ------------------------------------------------------------------------ the lock
+
+_HOLD = """import sys
+from sqjax.workdir import lock
+with lock(sys.argv[1], "sqjax train --workdir X"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def _holder(workdir):
+    """A process (no JAX) holding ``workdir``'s lock until its stdin closes."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    p = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(workdir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert p.stdout.readline() == "held\n"
+    return p
+
+
+def test_a_second_writer_is_refused_and_a_killed_holders_lock_taken_over(tmp_path, caplog, capsys):
+    from sqjax import cli
+    from sqjax.workdir import LOCK_FILE, WorkdirInUse, lock
+
+    holder = _holder(tmp_path)
+    try:
+        who = rf"pid {holder.pid} on {socket.gethostname()} \(`sqjax train --workdir X`, since "
+        with pytest.raises(WorkdirInUse, match=rf"^{tmp_path} is in use by {who}"), lock(tmp_path):
+            pass
+        # The command: one line, status 2, before it reads or writes anything.
+        with pytest.raises(SystemExit) as e:
+            cli.main(["ptq", "--workdir", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith(f"sqjax ptq: error: {tmp_path} is in use by pid {holder.pid} ")
+        assert err.rstrip().endswith("wait for it to end (or stop it), or give another directory")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]
+    finally:
+        holder.kill()  # SIGKILL: no clean-up of its own; the kernel drops the flock
+        holder.wait()
+    record = json.loads((tmp_path / LOCK_FILE).read_text())
+    assert record["pid"] == holder.pid  # left behind by the killed holder
+    with caplog.at_level(logging.WARNING, logger="sqjax"), lock(tmp_path, "mine"):
+        mine = json.loads((tmp_path / LOCK_FILE).read_text())
+        assert (mine["pid"], mine["host"], mine["command"]) == (
+            os.getpid(),
+            socket.gethostname(),
+            "mine",
+        )
+        with lock(tmp_path):  # the same process again (a command calling train.train)
+            pass
+    [notice] = [r.getMessage() for r in caplog.records if r.name == "sqjax"]
+    assert notice.startswith(f"taking over the lock of {tmp_path} from pid {holder.pid} on ")
+    assert notice.endswith(": it has ended")
+    assert (tmp_path / LOCK_FILE).read_text() == ""  # a clean end leaves no record
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sqjax"), lock(tmp_path):
+        pass
+    assert not caplog.records  # so the next holder gives no notice
+
+
+def test_training_holds_the_lock_of_its_run(tiny_run, tmp_path, capsys):
+    from sqjax import runs
+    from sqjax.workdir import WorkdirInUse
+
+    config, run = tiny_run
+    workdir = _copy_run(run, tmp_path)
+    holder = _holder(workdir)
+    try:
+        with pytest.raises(WorkdirInUse, match=f"pid {holder.pid}"):
+            runs.train_and_evaluate(config, workdir)  # finished: would only restore and score
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
