@@ -137,6 +137,57 @@ def _init_distributed(config) -> None:
         jax.distributed.initialize()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line too (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(low: float, kind=int):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    return parse
+
+
+def _bit(text: str) -> int:
+    (bits,) = _bits_list(text)
+    return bits
+
+
+def _stages(text: str) -> tuple[int, ...]:
+    try:
+        stages = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated ints like 2,4,8,32, got {text!r}"
+        )
+    if len(stages) < 2 or list(stages) != sorted(set(stages)):
+        raise argparse.ArgumentTypeError(f"give 2+ increasing widths like 2,4,8,32, got {text!r}")
+    if any(not (1 <= b <= 8 or b == 32) for b in stages):
+        raise argparse.ArgumentTypeError(f"widths are 1..8 or 32 (FP32), got {text!r}")
+    return stages
+
+
+def _eta(text: str) -> str | float:
+    if text == "eer":
+        return text
+    try:
+        eta = float(text)
+    except ValueError:
+        eta = -1.0
+    if not 0.0 < eta < 1.0:
+        raise argparse.ArgumentTypeError(f"'eer' or a p_target in (0, 1) like 0.01, got {text!r}")
+    return eta
+
+
 def _bits_list(text: str) -> tuple[int, ...]:
     try:
         bits = tuple(int(b) for b in text.split(","))
@@ -310,7 +361,7 @@ def cmd_cascade(args, overrides) -> None:
     from sqjax import study
 
     config, variables = _precisions(args, tuple(b for b in args.stages if b != 32))
-    eta = args.eta if args.eta == "eer" else float(args.eta)
+    eta = args.eta
     out = Path(args.out or Path(args.study or args.workdir) / "cascade")
     with _writing(out, args):
         result = study.run_cascade(
@@ -401,14 +452,14 @@ def _trials(args, cal: bool = True) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="sqjax",
         description="Low-bit K-means quantization of speaker-verification ResNets (JAX/Flax).",
         epilog="Config overrides: --config.<key>=<value>, e.g. --config.train.num_steps=100",
     )
     p.add_argument(
         "--cpu-devices",
-        type=int,
+        type=_at_least(1),
         default=int(os.environ.get("SQJAX_CPU_DEVICES", "1")),
         help="simulated CPU devices for data parallelism on a CPU host (default 1; 2 is "
         "faster for width-16 and wider models on 2 cores, slower for the width-8 demo: "
@@ -440,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--bits", type=_bits_list, default=(8, 4, 3, 2, 1), help="e.g. 8,4,2")
     pt.add_argument(
         "--bn-utts",
-        type=int,
+        type=_at_least(0),
         default=256,
         help="also score with BatchNorm statistics re-estimated on this many training crops "
         "(0: skip)",
@@ -450,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a run's encoder as packed b-bit indices + codebooks")
     x.add_argument("--workdir", required=True, help="QAT run (or FP32 run with --bits)")
     x.add_argument("--out", default=None, help="output file (default: WORKDIR/encoder_<b>bit.npz)")
-    x.add_argument("--bits", type=int, default=None, help="PTQ width for an FP32 run")
+    x.add_argument("--bits", type=_bit, default=None, help="PTQ width (1..8) for an FP32 run")
     x.set_defaults(fn=cmd_export)
 
     e = sub.add_parser("eval", help="score a trial list with a trained run or a model file")
@@ -493,13 +544,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ly.add_argument(
         "--tolerance",
-        type=float,
+        type=_at_least(0.0, float),
         default=0.10,
         help="mixed-precision target: EER at most (1 + tolerance) x the float model's",
     )
     _trial_args(ly, cal="the trials the mix is chosen on")
     ly.add_argument("--threshold", choices=("eer", "min_dcf"), default="eer", help="flips' theta")
-    ly.add_argument("--top", type=int, default=10, help="layers shown in the printed table")
+    ly.add_argument(
+        "--top", type=_at_least(1), default=10, help="layers shown in the printed table"
+    )
     ly.add_argument("--out", default="", help="output dir (default: STUDY_OR_RUN/layers)")
     ly.set_defaults(fn=cmd_layers)
 
@@ -541,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ptq", type=_bits_list, default=None, help="widths for --workdir")
     c.add_argument(
         "--stages",
-        type=lambda t: tuple(int(b) for b in t.split(",")),
+        type=_stages,
         default=(2, 4, 8, 32),
         help="widths in cascade order, 32 = FP32 (default 2,4,8,32)",
     )
@@ -550,9 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="eer",
         help="kept within --tolerance of FP32: eer, min_dcf@0.01, min_dcf@0.05, act_dcf@0.01, cllr",
     )
-    c.add_argument("--tolerance", type=float, default=0.05, help="relative (default 0.05)")
+    c.add_argument(
+        "--tolerance", type=_at_least(0.0, float), default=0.05, help="relative (default 0.05)"
+    )
     c.add_argument(
         "--eta",
+        type=_eta,
         default="eer",
         help="decision threshold: 'eer' (FP32's calibrated EER point) or a p_target like 0.01",
     )
@@ -590,12 +646,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="generate the built-in synthetic speaker corpus")
     s.add_argument("--out", required=True)
-    s.add_argument("--speakers", type=int, default=100, help="training speakers")
-    s.add_argument("--test-speakers", type=int, default=50)
-    s.add_argument("--utts", type=int, default=16, help="utterances per training speaker")
-    s.add_argument("--difficulty", type=float, default=1.0)
+    s.add_argument("--speakers", type=_at_least(2), default=100, help="training speakers")
+    s.add_argument("--test-speakers", type=_at_least(2), default=50)
+    s.add_argument("--utts", type=_at_least(1), default=16, help="utterances per training speaker")
+    s.add_argument("--difficulty", type=_at_least(0.0, float), default=1.0)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    s.add_argument("--workers", type=_at_least(1), default=os.cpu_count() or 1)
     s.set_defaults(fn=cmd_synth)
     return p
 

@@ -311,7 +311,8 @@ def load_model_file(path: str | Path):
     meta = export.read_metadata(path)
     if meta.get("kind") != "sqjax-encoder":
         raise ValueError(
-            f"{path}: a packed file without model settings; write it with `sqjax export`"
+            f"{path}: not a sqjax model file (a packed file without model settings); "
+            "write it with `sqjax export`"
         )
     from sqjax.config import default_config
 

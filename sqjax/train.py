@@ -401,9 +401,13 @@ def train(
     from tensorboardX import SummaryWriter
 
     t, q = config.train, config.quant
-    for key in ("checkpoint_every", "log_every", "num_steps"):
+    for key in ("checkpoint_every", "log_every", "num_steps", "batch_size", "n_frames"):
         if t[key] <= 0:
             raise ValueError(f"config.train.{key}={t[key]} must be positive")
+    if t.microbatches <= 0:
+        raise ValueError(f"config.train.microbatches={t.microbatches} must be positive")
+    if q.bits and not 1 <= q.bits <= 8:
+        raise ValueError(f"config.quant.bits={q.bits}: use 1..8 (QAT width) or 0 (FP32)")
     if q.bits and q.refresh_every <= 0:
         raise ValueError(f"config.quant.refresh_every={q.refresh_every} must be positive")
     workdir = fileio.as_path(workdir)

@@ -85,9 +85,11 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a write: name the file
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
 
 
