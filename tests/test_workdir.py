@@ -225,3 +225,64 @@ def test_training_holds_the_lock_of_its_run(tiny_run, tmp_path, capsys):
         holder.stdin.close()
         holder.wait()
     assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+
+
+# -------------------------------------------------------------- kill -9 during a save
+
+# Trains the tiny run of ``tiny_run`` and SIGKILLs itself in the middle of saving step 2:
+# orbax has written every file into the step's temporary folder, not yet committed it.
+_KILLED_IN_SAVE = """import os, signal, sys
+from orbax.checkpoint._src.path import atomicity
+commit = atomicity.AtomicRenameTemporaryPath.finalize
+async def finalize(self, *args, **kwargs):
+    if self._final_path.name == "2":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await commit(self, *args, **kwargs)
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+from sqjax import runs
+from sqjax.config import load_config
+config = load_config(sys.argv[1], sys.argv[3:])
+runs.train_and_evaluate(config, sys.argv[2])
+"""
+
+
+def test_killed_during_a_checkpoint_save_resumes_bit_identical(tiny_run, tmp_path, caplog):
+    from sqjax import runs
+    from sqjax.workdir import LOCK_FILE
+
+    config, run = tiny_run
+    workdir = tmp_path / "run"
+    overrides = [
+        f"--config.data.synth_dir={config.data.synth_dir}",
+        "--config.progress=False",
+        "--config.data.synth_args.workers=1",
+        "--config.train.num_steps=2",
+        "--config.train.checkpoint_every=1",
+        "--config.eval.baseline=False",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    tiny = str(Path(__file__).parents[1] / "configs" / "tiny.py")
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_IN_SAVE, tiny, str(workdir), *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    ckpts = workdir / "checkpoints"
+    [partial] = ckpts.glob("2.orbax-checkpoint-tmp*")  # the save it was killed in
+    assert any(p.is_file() for p in partial.rglob("*")) and (ckpts / "1").is_dir()
+    assert not (ckpts / "2").exists()
+    with caplog.at_level(logging.WARNING, logger="sqjax"):
+        runs.train_and_evaluate(config, workdir)  # the same run again: resumes from step 1
+    assert any(  # the killed process's lock record
+        r.getMessage().startswith(f"taking over the lock of {workdir} from pid ")
+        for r in caplog.records
+    )
+    assert not list(ckpts.glob("*.orbax-checkpoint-tmp*"))  # the writer cleared it
+    assert (workdir / LOCK_FILE).read_text() == ""
+    _, resumed, _ = runs.restore_run(workdir)
+    _, full, _ = runs.restore_run(run)
+    assert int(resumed.step) == 2
+    _assert_equal_trees(resumed, full)  # as the uninterrupted run: bit-identical
