@@ -274,6 +274,7 @@ def _check(ctx, capsys, setup, argv, expected):
     }
     before = _snapshot(workdir)
     code, err = _main(capsys, argv.format(**fields).split())
+    print(err, end="")  # the line, shown by pytest -rP
     assert code == 2, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("sqjax"), err
