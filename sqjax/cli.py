@@ -19,14 +19,23 @@ sqjax embed --model runs/demo_qat/2bit/encoder_2bit.npz --data DIR --out emb.npy
 sqjax synth --out data/synth --speakers 100
 sqjax import-wespeaker avg_model.pt --model resnet34 --out runs/ws_r34 [--data DIR --trials FILE]
 
-Expected errors (bad data, trials, run dirs, config values) print one line,
+Expected errors (bad data, trials, run dirs, config values, a run directory in use, no
+readable checkpoint, a full or read-only disk) print one line,
 ``sqjax <command>: error: <message>``, and exit with status 2; ``--debug`` shows the
-traceback.
+traceback. Any other exception is a bug and shows its traceback.
+
+Commands that write a directory hold its lock (``sqjax.workdir.lock``) while they run:
+train, qat, study (the run or study directory), ptq and export (the run directory; export
+to an ``--out`` file elsewhere takes none), analyze, layers, grids and cascade (their
+output directory), import-wespeaker and synth (``--out``), report (``DIR/report``). eval
+and embed only read (their outputs are whole files, written atomically).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import os
 import sys
@@ -35,6 +44,26 @@ from pathlib import Path
 # Errors a user can fix (bad data, trial list, run directory, config value): one line.
 # DataError and ConfigError are ValueErrors.
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+# OSErrors of the machine, not of sqjax: the disk is full or the directory not writable.
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "free some space, or write elsewhere",
+    errno.EDQUOT: "free some space, or write elsewhere",
+    errno.EROFS: "write elsewhere (a read-only file system)",
+    errno.EACCES: "make it writable, or write elsewhere",
+    errno.EPERM: "make it writable, or write elsewhere",
+}
+
+
+def _writing(path, args) -> contextlib.AbstractContextManager:
+    """The lock of the directory ``path`` this command writes, held by process 0 alone in
+    a multi-host run (``sqjax.workdir.lock``); call after ``_init_distributed``."""
+    import jax
+
+    from sqjax import workdir as workdir_lib
+
+    if jax.process_index() != 0:
+        return contextlib.nullcontext()
+    return workdir_lib.lock(path, command=" ".join(["sqjax", *args.argv]))
 
 
 def _set_cpu_devices(n: int) -> None:
@@ -114,6 +143,57 @@ def _init_distributed(config) -> None:
         jax.distributed.initialize()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line too (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(low: float, kind=int):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    return parse
+
+
+def _bit(text: str) -> int:
+    (bits,) = _bits_list(text)
+    return bits
+
+
+def _stages(text: str) -> tuple[int, ...]:
+    try:
+        stages = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated ints like 2,4,8,32, got {text!r}"
+        )
+    if len(stages) < 2 or list(stages) != sorted(set(stages)):
+        raise argparse.ArgumentTypeError(f"give 2+ increasing widths like 2,4,8,32, got {text!r}")
+    if any(not (1 <= b <= 8 or b == 32) for b in stages):
+        raise argparse.ArgumentTypeError(f"widths are 1..8 or 32 (FP32), got {text!r}")
+    return stages
+
+
+def _eta(text: str) -> str | float:
+    if text == "eer":
+        return text
+    try:
+        eta = float(text)
+    except ValueError:
+        eta = -1.0
+    if not 0.0 < eta < 1.0:
+        raise argparse.ArgumentTypeError(f"'eer' or a p_target in (0, 1) like 0.01, got {text!r}")
+    return eta
+
+
 def _bits_list(text: str) -> tuple[int, ...]:
     try:
         bits = tuple(int(b) for b in text.split(","))
@@ -130,7 +210,8 @@ def cmd_train(args, overrides) -> None:
 
     config = config_lib.load_config(args.config, overrides)
     _init_distributed(config)
-    result = runs.train_and_evaluate(config, args.workdir)
+    with _writing(args.workdir, args):
+        result = runs.train_and_evaluate(config, args.workdir)
     _print_metrics(result, f"test metrics ({args.workdir})")
 
 
@@ -140,7 +221,8 @@ def cmd_qat(args, overrides) -> None:
 
     config = config_lib.load_config(args.config, overrides)
     _init_distributed(config)
-    _print_table(qat_study.quantization_study(config, args.workdir))
+    with _writing(args.workdir, args):
+        _print_table(qat_study.quantization_study(config, args.workdir))
 
 
 def _print_table(rows: dict) -> None:
@@ -155,7 +237,8 @@ def _print_table(rows: dict) -> None:
 def cmd_ptq(args, overrides) -> None:
     from sqjax import runs
 
-    _print_table(runs.ptq_workdir(args.workdir, args.bits, bn_utts=args.bn_utts))
+    with _writing(args.workdir, args):
+        _print_table(runs.ptq_workdir(args.workdir, args.bits, bn_utts=args.bn_utts))
 
 
 def cmd_export(args, overrides) -> None:
@@ -165,7 +248,8 @@ def cmd_export(args, overrides) -> None:
         return _export_deploy(args)
     if not args.workdir:
         raise ValueError("give --workdir RUN (--model FILE.npz goes with --format onnx)")
-    path, report = runs.export_workdir(args.workdir, args.out, args.bits)
+    with _writing(args.workdir, args) if not args.out else contextlib.nullcontext():
+        path, report = runs.export_workdir(args.workdir, args.out, args.bits)
     print(report.format())
     print(f"\nwrote {path} ({path.stat().st_size:,} bytes)")
 
@@ -228,7 +312,8 @@ def cmd_eval(args, overrides) -> None:
     result = runs.evaluate_workdir(
         args.workdir, data=args.data, trials=args.trials, step=args.step, overrides=overrides
     )
-    _print_metrics(result, f"metrics ({args.workdir}, {args.trials or 'config test trials'})")
+    trials = args.trials or "config test trials"
+    _print_metrics(result, f"metrics ({args.workdir} at step {result['step']}, {trials})")
 
 
 def cmd_embed(args, overrides) -> None:
@@ -268,13 +353,14 @@ def cmd_analyze(args, overrides) -> None:
 
     config, variables = _precisions(args, (8, 4, 3, 2, 1))
     out = Path(args.out or Path(args.study or args.workdir) / "analysis")
-    result = analyze.analyze(
-        config,
-        variables,
-        out,
-        **_trials(args),
-        threshold=args.threshold,
-    )
+    with _writing(out, args):
+        result = analyze.analyze(
+            config,
+            variables,
+            out,
+            **_trials(args),
+            threshold=args.threshold,
+        )
     print("\n" + analyze.format_analysis(result))
     print(f"\nwrote {out}/scores.npz, score_analysis.json, figures/")
 
@@ -292,14 +378,15 @@ def cmd_layers(args, overrides) -> None:
         pc = ("--config.quant.per_channel=True",) if args.per_channel else ()
         config, jobs = layers.ptq_layer_jobs(args.workdir, args.bits or (2,), args.protect, pc)
     out = Path(args.out or Path(args.study or args.workdir) / "layers")
-    result = layers.analyze_layers(
-        config,
-        jobs,
-        out,
-        **_trials(args),
-        tolerance=args.tolerance,
-        threshold=args.threshold,
-    )
+    with _writing(out, args):
+        result = layers.analyze_layers(
+            config,
+            jobs,
+            out,
+            **_trials(args),
+            tolerance=args.tolerance,
+            threshold=args.threshold,
+        )
     print(layers.format_layers(result, top=args.top))
     print(f"\nwrote {out}/layers.csv, layer_analysis.json, figures/")
 
@@ -311,18 +398,20 @@ def cmd_grids(args, overrides) -> None:
     if args.qat_config and not args.qat_bits:
         raise ValueError("--qat-config sets the QAT runs of --qat-bits: give --qat-bits too")
 
-    result = grids.compare_grids(
-        args.workdir,
-        args.bits,
-        args.out or None,
-        qat_studies=args.qat,
-        qat_bits=args.qat_bits,
-        qat_config=config_lib.load_config(args.qat_config, overrides) if args.qat_config else None,
-        symmetric=args.symmetric,
-        scale=args.scale,
-        **_trials(args, cal=False),
-    )
+    qat_config = config_lib.load_config(args.qat_config, overrides) if args.qat_config else None
     out = Path(args.out or Path(args.workdir) / "grids")
+    with _writing(out, args):
+        result = grids.compare_grids(
+            args.workdir,
+            args.bits,
+            args.out or None,
+            qat_studies=args.qat,
+            qat_bits=args.qat_bits,
+            qat_config=qat_config,
+            symmetric=args.symmetric,
+            scale=args.scale,
+            **_trials(args, cal=False),
+        )
     print(grids.format_grids(result))
     print(f"\nwrote {out}/grids.csv, grids.json, figures/grids.png")
 
@@ -331,19 +420,20 @@ def cmd_cascade(args, overrides) -> None:
     from sqjax.experiments import cascade
 
     config, variables = _precisions(args, tuple(b for b in args.stages if b != 32))
-    eta = args.eta if args.eta == "eer" else float(args.eta)
+    eta = args.eta
     out = Path(args.out or Path(args.study or args.workdir) / "cascade")
-    result = cascade.run_cascade(
-        config,
-        variables,
-        args.stages,
-        out,
-        **_trials(args),
-        metric=args.metric,
-        tolerance=args.tolerance,
-        eta=eta,
-        cost=args.cost,
-    )
+    with _writing(out, args):
+        result = cascade.run_cascade(
+            config,
+            variables,
+            args.stages,
+            out,
+            **_trials(args),
+            metric=args.metric,
+            tolerance=args.tolerance,
+            eta=eta,
+            cost=args.cost,
+        )
     print(cascade.format_cascade(result))
     print(f"\nwrote {out}/cascade.json, cascade_curve.csv, figures/")
 
@@ -354,7 +444,8 @@ def cmd_study(args, overrides) -> None:
 
     config = config_lib.load_config(args.config, overrides)
     _init_distributed(config)
-    summary = study.run_study(config, args.workdir)
+    with _writing(args.workdir, args):
+        summary = study.run_study(config, args.workdir)
     print("\n" + report.format_study(summary))
     print(f"\nreport: {Path(args.workdir) / 'report' / 'index.html'} (and report.md)")
 
@@ -362,7 +453,8 @@ def cmd_study(args, overrides) -> None:
 def cmd_report(args, overrides) -> None:
     from sqjax.experiments import report
 
-    summary = report.write_report(args.dir)
+    with _writing(Path(args.dir) / "report", args):
+        summary = report.write_report(args.dir)
     print(report.format_study(summary))
     print(f"\nwrote {Path(args.dir) / 'report'}/index.html, report.md, report.json")
 
@@ -372,9 +464,10 @@ def cmd_import_wespeaker(args, overrides) -> None:
 
     if bool(args.data) != bool(args.trials):
         raise ValueError("give both --data and --trials (the run's test set), or neither")
-    config = wespeaker.import_wespeaker(
-        args.checkpoint, args.out, model=args.model, data=args.data, trials=args.trials
-    )
+    with _writing(args.out, args):
+        config = wespeaker.import_wespeaker(
+            args.checkpoint, args.out, model=args.model, data=args.data, trials=args.trials
+        )
     m = config.model
     print(
         f"wrote {args.out}: {m.name} {tuple(m.stage_sizes)} x{m.width}, {m.n_mels} Kaldi fbank "
@@ -387,15 +480,16 @@ def cmd_import_wespeaker(args, overrides) -> None:
 def cmd_synth(args, overrides) -> None:
     from sqjax import synth
 
-    root = synth.generate_corpus(
-        args.out,
-        n_train_speakers=args.speakers,
-        n_test_speakers=args.test_speakers,
-        utts_per_speaker=args.utts,
-        difficulty=args.difficulty,
-        seed=args.seed,
-        workers=args.workers,
-    )
+    with _writing(args.out, args):
+        root = synth.generate_corpus(
+            args.out,
+            n_train_speakers=args.speakers,
+            n_test_speakers=args.test_speakers,
+            utts_per_speaker=args.utts,
+            difficulty=args.difficulty,
+            seed=args.seed,
+            workers=args.workers,
+        )
     print(f"corpus in {root}: train/, dev/, test/ (Kaldi data dirs with trials)")
 
 
@@ -417,20 +511,26 @@ def _trials(args, cal: bool = True) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="sqjax",
         description="Low-bit K-means quantization of speaker-verification ResNets (JAX/Flax).",
         epilog="Config overrides: --config.<key>=<value>, e.g. --config.train.num_steps=100",
     )
     p.add_argument(
         "--cpu-devices",
-        type=int,
+        type=_at_least(1),
         default=int(os.environ.get("SQJAX_CPU_DEVICES", "1")),
         help="simulated CPU devices for data parallelism on a CPU host (default 1; 2 is "
         "faster for width-16 and wider models on 2 cores, slower for the width-8 demo: "
         "README, Speed on a CPU); no effect on GPUs and TPUs",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks of expected errors")
+    p.add_argument(
+        "--strict-restore",
+        action="store_true",
+        help="refuse a run whose latest checkpoint cannot be read (default: use the newest "
+        "readable one, saying which)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an FP32 encoder, then score the test trials")
@@ -450,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--bits", type=_bits_list, default=(8, 4, 3, 2, 1), help="e.g. 8,4,2")
     pt.add_argument(
         "--bn-utts",
-        type=int,
+        type=_at_least(0),
         default=256,
         help="also score with BatchNorm statistics re-estimated on this many training crops "
         "(0: skip)",
@@ -460,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a run's encoder as packed b-bit indices + codebooks")
     x.add_argument("--workdir", default="", help="QAT run (or FP32 run with --bits)")
     x.add_argument("--out", default=None, help="output file (default: WORKDIR/encoder_<b>bit.npz)")
-    x.add_argument("--bits", type=int, default=None, help="PTQ width for an FP32 run")
+    x.add_argument("--bits", type=_bit, default=None, help="PTQ width (1..8) for an FP32 run")
     x.add_argument("--format", choices=("npz", "onnx"), default="npz", help="npz: sqjax's file")
     x.add_argument("--model", default="", help="--format onnx of a `sqjax export` .npz file")
     x.add_argument(
@@ -470,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--study", default="", help="--cascade: a `sqjax qat` study directory")
     x.add_argument(
         "--stages",
-        type=lambda t: tuple(int(b) for b in t.split(",")),
+        type=_stages,
         default=(2, 4, 8, 32),
         help="--cascade: the stages of its cascade.json (default 2,4,8,32)",
     )
@@ -516,13 +616,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ly.add_argument(
         "--tolerance",
-        type=float,
+        type=_at_least(0.0, float),
         default=0.10,
         help="mixed-precision target: EER at most (1 + tolerance) x the float model's",
     )
     _trial_args(ly, cal="the trials the mix is chosen on")
     ly.add_argument("--threshold", choices=("eer", "min_dcf"), default="eer", help="flips' theta")
-    ly.add_argument("--top", type=int, default=10, help="layers shown in the printed table")
+    ly.add_argument(
+        "--top", type=_at_least(1), default=10, help="layers shown in the printed table"
+    )
     ly.add_argument("--out", default="", help="output dir (default: STUDY_OR_RUN/layers)")
     ly.set_defaults(fn=cmd_layers)
 
@@ -564,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ptq", type=_bits_list, default=None, help="widths for --workdir")
     c.add_argument(
         "--stages",
-        type=lambda t: tuple(int(b) for b in t.split(",")),
+        type=_stages,
         default=(2, 4, 8, 32),
         help="widths in cascade order, 32 = FP32 (default 2,4,8,32)",
     )
@@ -573,9 +675,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="eer",
         help="kept within --tolerance of FP32: eer, min_dcf@0.01, min_dcf@0.05, act_dcf@0.01, cllr",
     )
-    c.add_argument("--tolerance", type=float, default=0.05, help="relative (default 0.05)")
+    c.add_argument(
+        "--tolerance", type=_at_least(0.0, float), default=0.05, help="relative (default 0.05)"
+    )
     c.add_argument(
         "--eta",
+        type=_eta,
         default="eer",
         help="decision threshold: 'eer' (FP32's calibrated EER point) or a p_target like 0.01",
     )
@@ -620,12 +725,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="generate the built-in synthetic speaker corpus")
     s.add_argument("--out", required=True)
-    s.add_argument("--speakers", type=int, default=100, help="training speakers")
-    s.add_argument("--test-speakers", type=int, default=50)
-    s.add_argument("--utts", type=int, default=16, help="utterances per training speaker")
-    s.add_argument("--difficulty", type=float, default=1.0)
+    s.add_argument("--speakers", type=_at_least(2), default=100, help="training speakers")
+    s.add_argument("--test-speakers", type=_at_least(2), default=50)
+    s.add_argument("--utts", type=_at_least(1), default=16, help="utterances per training speaker")
+    s.add_argument("--difficulty", type=_at_least(0.0, float), default=1.0)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    s.add_argument("--workers", type=_at_least(1), default=os.cpu_count() or 1)
     s.set_defaults(fn=cmd_synth)
     return p
 
@@ -634,6 +739,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # a command of its own (not called from Python): huge pages if asked
         _rerun_with_hugepages()
     args, rest = build_parser().parse_known_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded in the lock file
     bad = [a for a in rest if not a.startswith("--config.")]
     if rest and args.command not in ("train", "qat", "eval", "study"):
         bad = rest  # these commands take no config
@@ -643,13 +749,30 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "jax", "orbax"):  # orbax logs every checkpoint's options at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from sqjax import workdir as workdir_lib
+
     try:
-        args.fn(args, rest)
-    except EXPECTED_ERRORS as e:
+        with workdir_lib.strict_restore(args.strict_restore):
+            args.fn(args, rest)
+    except (*EXPECTED_ERRORS, workdir_lib.WorkdirError) as e:
         if args.debug:
             raise
-        print(f"sqjax {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(args, _one_line(str(e)))
+    except OSError as e:
+        if args.debug or e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        _fail(args, f"{e.strerror or os.strerror(e.errno)}{where} ({ENVIRONMENT_ERRNOS[e.errno]})")
+
+
+def _one_line(message: str) -> str:
+    lines = message.strip().splitlines() or [""]
+    return lines[0] + (" (--debug shows the rest)" if len(lines) > 1 else "")
+
+
+def _fail(args, message: str) -> None:
+    print(f"sqjax {args.command}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -195,7 +195,49 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.C
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} has no get_config() function")
-    return apply_overrides(module.get_config(), overrides, source=path)
+    return check_config(apply_overrides(module.get_config(), overrides, source=path), path)
+
+
+def _widths(value, key: str, extra=()) -> None:
+    if not isinstance(value, (tuple, list)) or any(
+        not isinstance(b, int) or not (1 <= b <= 8 or b in extra) for b in value
+    ):
+        also = "".join(f" or {e}" for e in extra)
+        raise ConfigError(f"config.{key}={tuple(value)}: widths are ints in 1..8{also}")
+
+
+def check_config(config: ml_collections.ConfigDict, source: str | Path = "config"):
+    """Refuses sizes, counts and widths no run can use, naming the setting (``source``:
+    the file it came from); returns ``config``. ``load_config`` calls it: a bad value
+    stops a command before it reads data or trains."""
+    t, q, st = config.train, config.quant, config.study
+    for key in ("num_steps", "batch_size", "n_frames", "log_every", "checkpoint_every"):
+        if t[key] <= 0:
+            raise ConfigError(f"config.train.{key}={t[key]} must be positive (in {source})")
+    for key in ("microbatches", "keep_checkpoints"):
+        if t[key] <= 0:
+            raise ConfigError(f"config.train.{key}={t[key]} must be positive (in {source})")
+    if config.eval.batch_size <= 0:
+        raise ConfigError(f"config.eval.batch_size={config.eval.batch_size} must be positive")
+    if q.bits and not 1 <= q.bits <= 8:
+        raise ConfigError(f"config.quant.bits={q.bits}: use 1..8 (QAT width) or 0 (FP32)")
+    _widths(q.bits_list, "quant.bits_list")
+    _widths(st.layer_bits, "study.layer_bits")
+    _widths(st.protect_bits, "study.protect_bits")
+    stages = tuple(st.cascade_stages)
+    _widths(stages, "study.cascade_stages", extra=(32,))
+    if len(stages) < 2 or list(stages) != sorted(set(stages)):
+        raise ConfigError(
+            f"config.study.cascade_stages={stages}: give 2+ increasing widths like (2, 4, 8, 32)"
+        )
+    s = config.data.synth_args
+    if config.data.synth and (s.n_train_speakers < 2 or s.utts_per_speaker < 1):
+        raise ConfigError(
+            f"config.data.synth_args: n_train_speakers={s.n_train_speakers} and "
+            f"utts_per_speaker={s.utts_per_speaker}: training needs 2+ speakers with 1+ "
+            "utterance each"
+        )
+    return config
 
 
 def apply_overrides(

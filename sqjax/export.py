@@ -270,6 +270,11 @@ def export_packed(
 
 
 def _read_header(path: str | os.PathLike, z) -> dict:
+    if "header" not in z.files:
+        raise ValueError(
+            f"{path}: not a sqjax model file (an .npz without a {_FORMAT} header); write "
+            "one with `sqjax export`"
+        )
     header = json.loads(bytes(z["header"]).decode())
     if header.get("format") != _FORMAT or header.get("version") not in _READS:
         raise ValueError(
@@ -281,7 +286,17 @@ def _read_header(path: str | os.PathLike, z) -> dict:
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The ``metadata`` dict an ``export_packed`` file was written with."""
-    with np.load(os.fspath(path), allow_pickle=False) as z:
+    try:
+        z = np.load(os.fspath(path), allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: model file not found") from None
+    except (ValueError, OSError) as e:  # not a zip, or an .npy
+        raise ValueError(
+            f"{path}: not a sqjax model file ({e}); write one with `sqjax export`"
+        ) from e
+    if not hasattr(z, "files"):
+        raise ValueError(f"{path}: not a sqjax model file (an .npy array); use `sqjax export`")
+    with z:
         return _read_header(path, z).get("metadata", {})
 
 

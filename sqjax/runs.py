@@ -29,8 +29,11 @@ log = logging.getLogger("sqjax")
 # ------------------------------------------------------------------------ runs on disk
 
 
-def restore_run(workdir: str | Path, step: int | None = None, overrides=()):
-    """``(config, state, quantizer)`` of a training run's checkpoint (latest by default).
+def restore_run(
+    workdir: str | Path, step: int | None = None, overrides=(), *, strict: bool | None = None
+):
+    """``(config, state, quantizer)`` of a training run's checkpoint (by default the newest
+    readable one; ``strict``: the latest or an error, see ``workdir.restore_newest``).
 
     ``quantizer`` is None for FP32 runs; ``overrides`` are ``--config.key=value`` items.
     """
@@ -40,7 +43,8 @@ def restore_run(workdir: str | Path, step: int | None = None, overrides=()):
     config_lib.apply_overrides(config, list(overrides), source=Path(workdir) / "config.json")
     template, quantizer = builders.state_template(config)
     replicated = NamedSharding(train.make_mesh(), P())
-    return config, workdir_lib.restore_latest(workdir, template, replicated, step), quantizer
+    state = workdir_lib.restore_latest(workdir, template, replicated, step, strict=strict)
+    return config, state, quantizer
 
 
 def _fp32_init(init_from: str) -> builders.TrainState:
@@ -307,7 +311,8 @@ def load_model_file(path: str | Path):
     meta = export.read_metadata(path)
     if meta.get("kind") != "sqjax-encoder":
         raise ValueError(
-            f"{path}: a packed file without model settings; write it with `sqjax export`"
+            f"{path}: not a sqjax model file (a packed file without model settings); "
+            "write it with `sqjax export`"
         )
     from sqjax.config import default_config
 

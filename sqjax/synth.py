@@ -489,6 +489,11 @@ def generate_corpus(
         raise ValueError(
             f"need 0 < min_duration <= max_duration, got {min_duration}, {max_duration}"
         )
+    if n_train_speakers < 2 or utts_per_speaker < 1:
+        raise ValueError(
+            f"n_train_speakers={n_train_speakers}, utts_per_speaker={utts_per_speaker}: "
+            "training needs 2+ speakers with 1+ utterance each"
+        )
     if min(n_dev_speakers, n_test_speakers, test_utts_per_speaker) < 2:
         raise ValueError("trials need n_dev_speakers, n_test_speakers, test_utts_per_speaker >= 2")
     out = pathlib.Path(out_dir).resolve()

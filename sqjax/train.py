@@ -270,9 +270,13 @@ def train(
     from tensorboardX import SummaryWriter
 
     t, q = config.train, config.quant
-    for key in ("checkpoint_every", "log_every", "num_steps"):
+    for key in ("checkpoint_every", "log_every", "num_steps", "batch_size", "n_frames"):
         if t[key] <= 0:
             raise ValueError(f"config.train.{key}={t[key]} must be positive")
+    if t.microbatches <= 0:
+        raise ValueError(f"config.train.microbatches={t.microbatches} must be positive")
+    if q.bits and not 1 <= q.bits <= 8:
+        raise ValueError(f"config.quant.bits={q.bits}: use 1..8 (QAT width) or 0 (FP32)")
     if q.bits and q.refresh_every <= 0:
         raise ValueError(f"config.quant.refresh_every={q.refresh_every} must be positive")
     workdir = fileio.as_path(workdir)
@@ -290,7 +294,10 @@ def train(
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     state = create_train_state(jax.random.key(config.seed), encoder, head, tx, t.n_frames)
-    with workdir_lib.checkpoint_manager(workdir, t.keep_checkpoints) as mngr:
+    # One writer per run directory (process 0 holds the lock for all); taken before the
+    # manager, which deletes the temporary folders of unfinished saves.
+    writing = workdir_lib.lock(workdir) if is_main else contextlib.nullcontext()
+    with writing, workdir_lib.checkpoint_manager(workdir, t.keep_checkpoints) as mngr:
         start = mngr.latest_step()
         if start is not None:
             workdir_lib.check_resumable(workdir, config)
@@ -305,9 +312,9 @@ def train(
                 state = _from_init(init(), state)
             # Fitted to the FP32 start, or a restore template for the checkpoint's codebooks.
             state = with_codebooks(state, quantizer, tx, learns_quantizer(config))
-        if start is not None:
+        if start is not None:  # the newest readable step; damaged later ones set aside
+            start, state = workdir_lib.restore_newest(mngr, state, replicated, set_aside=True)
             log.info("resuming %s from step %d", workdir, start)
-            state = workdir_lib.restore(mngr, start, state, replicated)
         start = start or 0
         state = jax.device_put(state, replicated)
 

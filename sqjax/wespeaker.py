@@ -277,7 +277,8 @@ def import_wespeaker(
     from sqjax.config import default_config
 
     checkpoint, out = Path(checkpoint), Path(out)
-    if out.exists() and any(out.iterdir()):
+    # The writer's lock (``sqjax.workdir.lock``) may be there already.
+    if out.exists() and any(p.name != workdir_lib.LOCK_FILE for p in out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; give a new --out directory")
     state = read_state_dict(checkpoint)
     geo = geometry(state, str(checkpoint))

@@ -119,3 +119,17 @@ def learned_run(tmp_path_factory):
     )
     workdir = root / "run"
     return config, workdir, runs.train_and_evaluate(config, workdir)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_config, tmp_path_factory):
+    """The tiny config trained 2 steps with a checkpoint after each, once per session:
+    ``(config, workdir)``. Tests copy it before changing anything in it."""
+    from sqjax import runs
+
+    config = tiny_config.copy_and_resolve_references()
+    config.train.num_steps, config.train.checkpoint_every = 2, 1
+    config.eval.baseline = False
+    workdir = tmp_path_factory.mktemp("tiny_run") / "run"
+    runs.train_and_evaluate(config, workdir)
+    return config, workdir
