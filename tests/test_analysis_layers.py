@@ -262,3 +262,37 @@ def test_suggested_rules_reach_the_target_when_built_by_the_quantizer(learned_ru
         assert (tmp_path / "figures" / f"layers_{kind}_1bit.png").stat().st_size > 10_000
     text = layers_cmd.format_layers(result)
     assert "1bit" in text and "mixed precision" in text
+
+
+def test_layer_intervals_from_speaker_resamples():
+    """Each layer's drift interval holds its drift; the R^2 interval is that of the per-
+    resample correlations, checked against numpy's corrcoef on one resample."""
+    from sqjax.analysis import uncertainty
+
+    rng = np.random.default_rng(0)
+    model, ref = _mlp_variables(rng)
+    feats, enroll, test, labels = _speaker_corpus(rng)
+    spk = np.repeat(np.arange(12), 4)
+    q = {"params": quant.quantize_params(ref["params"], 1)}
+    bank = layers.variant_bank(ref, [q])
+    choices = layers.layer_choices(3, [m for _, _, m in layers.layer_groups(bank)])
+    emb = layers.embed_variants(evaluate.precision_embed(model), bank, choices, feats, chunk=4)
+    s = _scores(emb, enroll, test)
+    boot = uncertainty.bootstrap(labels, spk[enroll], spk[test], n_resamples=60)
+    a = layers.layer_analysis(s, labels, bank, bits=1, boot=boot)
+    for r in a["layers"]:
+        lo, hi = r["drift_ci"]
+        assert lo <= r["drift"] <= hi
+    c = a["correlation"]["drift"]
+    lo, hi = c["r2_ci"]
+    assert 0.0 <= lo <= hi <= 1.0
+    # one resample by hand: weighted mean |drift| per layer, then R^2 against distortion
+    ext = np.append(boot.counts[5], 1)
+    w = ext[boot.unit_a] * ext[boot.unit_b]
+    s64 = s.astype(np.float64)
+    drift = [np.average(np.abs(s64[2 + j] - s64[0]), weights=w) for j in range(3)]
+    x = [r["rel_err"] for r in a["layers"]]
+    r2 = np.corrcoef(x, drift)[0, 1] ** 2
+    samples = uncertainty.drift_samples(boot, np.concatenate([s[:1], s[2:5]]))[5, 1:]
+    np.testing.assert_allclose(samples, drift, rtol=1e-9)
+    assert layers._row_corr(np.asarray(x), samples[None])[0] ** 2 == pytest.approx(r2)

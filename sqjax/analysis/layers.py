@@ -372,6 +372,8 @@ def layer_analysis(
     macs: Mapping[str, int] | None = None,
     start: Mapping | None = None,
     threshold: str = "eer",
+    boot=None,
+    level: float = 0.95,
 ) -> dict:
     """The layer-wise analysis of one width from the scores of ``layer_choices``' variants.
 
@@ -384,6 +386,9 @@ def layer_analysis(
       start: for a QAT model, the FP32 variables it was fine-tuned from: the distortion of
         its quantized and float weights against them is added.
       threshold: "eer" or "min_dcf": the reference's decision threshold for flips.
+      boot: resamples of the trials (``uncertainty.bootstrap``), or None. With it, each
+        layer row gets "drift_ci" and "d_eer_ci", and each correlation "spearman_ci" and
+        "r2_ci", from the same resamples for every layer.
 
     Returns:
       {"bits", "reference", "quantized" (variant metrics), "theta", "layers" (one row per
@@ -456,6 +461,15 @@ def layer_analysis(
                 "d_eer": gm["eer"] - ref["eer"],
             }
         )
+    correlation = {
+        "drift": correlations([r["rel_err"] for r in rows], [r["drift"] for r in rows]),
+        "d_eer": correlations([r["rel_err"] for r in rows], [r["d_eer"] for r in rows]),
+    }
+    extra = {}
+    if boot is not None:
+        extra["uncertainty"] = _layer_intervals(
+            scores[: 2 + n_layers], labels, rows, correlation, boot, level
+        )
     return {
         "bits": bits,
         "reference": ref,
@@ -463,13 +477,45 @@ def layer_analysis(
         "theta": {"kind": threshold, "value": theta},
         "layers": rows,
         "groups": group_rows,
-        "correlation": {
-            "drift": correlations([r["rel_err"] for r in rows], [r["drift"] for r in rows]),
-            "d_eer": correlations([r["rel_err"] for r in rows], [r["d_eer"] for r in rows]),
-        },
+        "correlation": correlation,
+        **extra,
         "ranking": [r["path"] for r in sorted(rows, key=lambda r: -r["drift"])],
         "sum_single_drift": sum(r["drift"] for r in rows),
     }
+
+
+def _layer_intervals(scores, labels, rows, correlation, boot, level) -> dict:
+    """Intervals of each layer's sensitivity and of the distortion-sensitivity
+    correlations over resamples of the trials (rows: reference, quantized, single layers)."""
+    from sqjax.analysis import uncertainty
+
+    single = np.concatenate([scores[:1], scores[2:]])  # reference, then one per layer
+    drift = uncertainty.drift_samples(boot, single)[:, 1:]  # (R, L)
+    eer = uncertainty.resample_metrics(boot, single, labels, p_targets=())["eer"]
+    d_eer = eer[:, 1:] - eer[:, :1]
+    x = np.array([r["rel_err"] for r in rows], np.float64)
+    for key, samples in (("drift", drift), ("d_eer", d_eer)):
+        for j, r in enumerate(rows):
+            r[key + "_ci"] = list(uncertainty.interval(samples[:, j], r[key], level))
+        c = correlation[key]
+        if c["r2"] is None:
+            c["spearman_ci"] = c["r2_ci"] = [None, None]
+            continue
+        ok = np.isfinite(samples).all(axis=1)
+        rx = stats.rankdata(x)
+        rho = _row_corr(rx, stats.rankdata(samples[ok], axis=1))
+        r2 = _row_corr(x, samples[ok]) ** 2
+        c["spearman_ci"] = list(uncertainty.interval(rho, c["spearman"], level))
+        c["r2_ci"] = list(uncertainty.interval(r2, c["r2"], level))
+    return {"level": level, "bootstrap": {"level": boot.level, "n_resamples": boot.n_resamples}}
+
+
+def _row_corr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson correlation of ``x`` (L,) with each row of ``y`` (R, L); NaN for a flat row."""
+    xc = x - x.mean()
+    yc = y - y.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (yc @ xc) / np.sqrt((yc**2).sum(axis=1) * (xc**2).sum())
 
 
 def _energy(bank: VariantBank, j: int) -> float:

@@ -49,7 +49,8 @@ def plot_degradation(analysis: Mapping, path) -> Path:
         ms = [analysis["per_precision"][n]["metrics"] for n in _by_bits(analysis, k["bits"])]
         if all(m.get(key + "_ci") and None not in m[key + "_ci"] for m in ms):
             ci = np.array([m[key + "_ci"] for m in ms]).T * scale
-            ax.errorbar(x, v, yerr=np.abs(ci - v), fmt="o-", capsize=3, label="95% interval")
+            yerr = np.clip([v - ci[0], ci[1] - v], 0, None)
+            ax.errorbar(x, v, yerr=yerr, fmt="o-", capsize=3, label="95% interval")
         else:
             ax.plot(x, v, "o-")
         ax.set_xticks(x, [_bit_label(b) for b in k["bits"]])
@@ -382,7 +383,14 @@ def plot_grids(result: Mapping, path) -> Path:
                 continue
             bits = [r["bits"] for r in rows]
             label = f"{mode.upper()} {method} per {'channel' if pc else 'tensor'}"
-            axes[0].plot(bits, [100 * r["eer"] for r in rows], "o" + ls, color=color, label=label)
+            eer = np.array([100 * r["eer"] for r in rows])
+            if all(r.get("eer_ci") and None not in r["eer_ci"] for r in rows):
+                ci = np.array([r["eer_ci"] for r in rows]).T * 100
+                yerr = np.clip([eer - ci[0], ci[1] - eer], 0, None)
+                axes[0].errorbar(bits, eer, yerr=yerr, fmt="o" + ls, color=color, label=label,
+                                 capsize=2)  # fmt: skip
+            else:
+                axes[0].plot(bits, eer, "o" + ls, color=color, label=label)
             axes[1].plot(bits, [r["distortion"] for r in rows], "o" + ls, color=color, label=label)
     axes[0].axhline(100 * result["fp32"]["eer"], color="k", lw=0.8, ls=":", label="FP32")
     axes[0].set_ylabel("test EER (%)")

@@ -104,6 +104,33 @@ def _flip_claim(name: str, a: Mapping) -> dict:
     }
 
 
+def _layer_claim(name: str, width: str, a: Mapping) -> dict:
+    c = a["correlation"]["drift"]
+    ci = c.get("r2_ci")
+    ev = (
+        f"over {c['n']} layers, Spearman rho {_fmt(c['spearman'], '.2f')}, R^2 "
+        f"{_fmt(c['r2'], '.2f')}"
+    )
+    if ci is not None:
+        ev += f" [{_fmt(ci[0], '.2f')}, {_fmt(ci[1], '.2f')}]"
+    ev += "; most sensitive: " + ", ".join(p.removesuffix("/kernel") for p in a["ranking"][:3])
+    claim = f"{name} {width}: weight distortion does not fully explain a layer's score sensitivity"
+    if ci is None or c["r2"] is None:
+        return {
+            "claim": claim,
+            "verdict": _verdict(None if c["r2"] is None else c["r2"] < R2_EXPLAINED),
+            "evidence": ev + ("" if c["r2"] is None else " (point estimate: no interval)"),
+            "rule": f"point estimate: R^2 of |drift| on distortion < {R2_EXPLAINED}",
+        }
+    return {
+        "claim": claim,
+        "verdict": uncertainty.verdict_below(ci, R2_EXPLAINED),
+        "evidence": ev,
+        "rule": f"R^2 of the layers' |drift| on their distortion, its interval over trial "
+        f"resamples below {R2_EXPLAINED} (supported), above (contradicted), or across it",
+    }
+
+
 def _cascade_claim(cascade: Mapping) -> dict:
     c = cascade["chosen"]
     first = cascade["stages"][0]
@@ -156,18 +183,7 @@ def claims(qat: Mapping | None, ptq: Mapping | None, layers: Mapping, cascade: M
             out += [_knee_claim(name, a), _flip_claim(name, a)]
     for name, la in layers.items():
         for width, a in la["widths"].items():
-            c = a["correlation"]["drift"]
-            out.append(
-                {
-                    "claim": f"{name} {width}: weight distortion does not fully explain a "
-                    "layer's score sensitivity",
-                    "verdict": _verdict(None if c["r2"] is None else c["r2"] < R2_EXPLAINED),
-                    "evidence": f"over {c['n']} layers, Spearman rho {_fmt(c['spearman'], '.2f')}"
-                    f", R^2 {_fmt(c['r2'], '.2f')}; most sensitive: "
-                    + ", ".join(p.removesuffix("/kernel") for p in a["ranking"][:3]),
-                    "rule": f"point estimate: R^2 of |drift| on distortion < {R2_EXPLAINED}",
-                }
-            )
+            out.append(_layer_claim(name, width, a))
     if cascade is not None:
         out.append(_cascade_claim(cascade))
     return out

@@ -11,9 +11,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from sqjax import builders, evaluate, fileio, metrics, prepare, runs
+from sqjax import builders, evaluate, fileio, prepare, runs
+from sqjax.analysis import uncertainty
 from sqjax.experiments import qat_study
-from sqjax.experiments.precisions import all_precision_scores, with_data
+from sqjax.experiments.precisions import (
+    all_precision_scores,
+    interval_level,
+    trial_bootstrap,
+    with_data,
+)
 from sqjax.tables import csv_text, format_table
 from sqjax.workdir import atomic_write, write_json
 
@@ -119,15 +125,31 @@ def compare_grids(
     split = prepare.test_data(config)
     scores = all_precision_scores(config, models_, split)
     labels = split.trials.labels
-    values = [
-        (metrics.eer(s, labels)[0], metrics.min_dcf(s, labels, p_target=0.01)[0]) for s in scores
-    ]
-    for row, (e, d) in zip(rows, values[1:], strict=True):
-        row["eer"], row["min_dcf"] = float(e), float(d)
+    level = interval_level(config)
+    cmp = uncertainty.compare(
+        scores,
+        labels,
+        list(models_),
+        trial_bootstrap(config, split),
+        p_targets=(0.01,),
+        level=level,
+    )
+    for row in rows:
+        r = cmp["systems"][row["name"]]
+        row["min_dcf"] = r["min_dcf@0.01"]
+        row.update({k: v for k, v in r.items() if k.endswith(("eer", "eer_ci"))})
     fp32_bytes = 4 * sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    f = cmp["systems"]["fp32"]
     result = {
-        "fp32": {"eer": float(values[0][0]), "min_dcf": float(values[0][1]), "bytes": fp32_bytes},
+        "fp32": {
+            "eer": f["eer"],
+            "eer_ci": f["eer_ci"],
+            "min_dcf": f["min_dcf@0.01"],
+            "bytes": fp32_bytes,
+        },
         "rows": rows,
+        "comparisons": _kmeans_vs_uniform(rows, list(models_), cmp, level),
+        "uncertainty": {k: cmp[k] for k in ("level", "method", "bootstrap")},
         "uniform": {"symmetric": symmetric, "scale": scale},
         "trials": {"data": config.data.test, "trials": config.data.test_trials},
     }
@@ -141,6 +163,32 @@ def compare_grids(
 GRID_CSV_COLUMNS = (
     "mode", "method", "per_channel", "bits", "eer", "min_dcf", "distortion", "bytes",
 )  # fmt: skip
+
+
+def _kmeans_vs_uniform(rows, names, cmp, level) -> list[dict]:
+    """Uniform minus K-means EER at each mode, granularity and width, with its paired
+    interval and the verdict on "K-means has the lower EER"."""
+    by = {(r["mode"], r["method"], r["per_channel"], r["bits"]): r for r in rows}
+    eer = cmp["samples"]["eer"]
+    out = []
+    for (mode, method, pc, b), r in sorted(by.items()):
+        k = by.get((mode, "kmeans", pc, b))
+        if method != "uniform" or k is None:
+            continue
+        i, j = names.index(r["name"]), names.index(k["name"])
+        d = r["eer"] - k["eer"]
+        ci = list(uncertainty.interval(eer[:, i] - eer[:, j], d, level))
+        out.append(
+            {
+                "mode": mode,
+                "per_channel": pc,
+                "bits": b,
+                "uniform_minus_kmeans_eer": d,
+                "uniform_minus_kmeans_eer_ci": ci,
+                "verdict": uncertainty.verdict_above(ci, 0.0),
+            }
+        )
+    return out
 
 
 def _grid_row(mode, method, per_channel, bits, name, size) -> dict:
@@ -170,6 +218,10 @@ def _grid_verdict(diffs: Sequence[tuple[int, float]]) -> str:
     return text
 
 
+def _pts(v) -> str:
+    return "n/a" if v is None else f"{v:+.2f}"
+
+
 def format_grids(result: dict) -> str:
     """One table, bits down and method x granularity across: EER, distortion and size,
     PTQ then QAT; and where K-means beats the uniform grid."""
@@ -195,7 +247,21 @@ def format_grids(result: dict) -> str:
             table.append((str(b), *cells))
         lines.append(f"{mode.upper()} (EER, relative weight distortion, packed size)")
         lines.append(format_table(table))
-        for pc in (False, True):
+        comps = [c for c in result.get("comparisons", ()) if c["mode"] == mode]
+        for c in comps:
+            gran = "per channel" if c["per_channel"] else "per tensor"
+            lo, hi = (v * 100 if v is not None else None for v in c["uniform_minus_kmeans_eer_ci"])
+            lines.append(
+                f"{mode.upper()} {gran} {c['bits']} bits: uniform minus K-means EER "
+                f"{c['uniform_minus_kmeans_eer'] * 100:+.2f} points "
+                f"[{_pts(lo)}, {_pts(hi)}]: K-means lower is {c['verdict']}"
+            )
+        if comps:
+            lines.append(
+                "  (rule: supported when the paired 95% interval of uniform minus K-means lies "
+                "above 0, contradicted when below, undetermined when it holds 0)"
+            )
+        for pc in () if comps else (False, True):
             gran = "per channel" if pc else "per tensor"
             diffs = [
                 (b, by[("uniform", pc, b)]["eer"] - by[("kmeans", pc, b)]["eer"])

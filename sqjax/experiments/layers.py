@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from sqjax import builders, evaluate, fileio, metrics, models, prepare, quant, runs
-from sqjax.experiments.precisions import bits_of_run, with_data
+from sqjax.experiments.precisions import bits_of_run, interval_level, trial_bootstrap, with_data
 from sqjax.tables import csv_text, format_table
 from sqjax.workdir import atomic_write, write_json
 
@@ -258,6 +258,7 @@ def analyze_layers(
     encoder = builders.build_encoder(config)
     macs = models.encoder_macs_by_layer(encoder, config.train.n_frames)
     result = {"widths": {}, "suggestions": {}, "macs_frames": config.train.n_frames}
+    boot = trial_bootstrap(config, split)
     for job in jobs:
         name = f"{job.bits}bit"
         options = [job.quantized, *(job.protect[h] for h in sorted(job.protect))]
@@ -274,6 +275,8 @@ def analyze_layers(
             macs=macs,
             start=job.start,
             threshold=threshold,
+            boot=boot,
+            level=interval_level(config),
         )
         result["widths"][name] = a
         if job.protect:
