@@ -7,6 +7,12 @@ Goal (issue 27): 1,000 resamples, 6 systems, EER and minDCF within 3 s at 100k t
 30 s at 1M trials on 2 cores. Beside it, a naive loop (one weighted trial list per
 resample, scored by ``sqjax.metrics``, which sorts it) on a few resamples, scaled to R.
 Synthetic scores: S speakers, half target trials, Gaussian scores.
+
+    python bench/bench_uncertainty.py --analyses 37720,579818 --speakers 40,1251
+
+times the analyses that ``sqjax analyze`` and ``sqjax cascade`` run on the scores, with
+their intervals, at VoxCeleb1-O and VoxCeleb1-E sizes (6 precisions, 4 cascade stages;
+embedding the utterances is not included).
 """
 
 from __future__ import annotations
@@ -45,6 +51,30 @@ def _naive(boot, scores, y, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def _time_analyses(args) -> None:
+    from sqjax.analysis import cascade, scores
+
+    names = ["fp32", "8bit", "4bit", "3bit", "2bit", "1bit"]
+    noise = np.array([0.0, 0.02, 0.05, 0.1, 0.4, 1.2])[:, None]
+    speakers = [int(s) for s in args.speakers.split(",")]
+    print(f"{'trials':>9} {'speakers':>8}  {'analyze s':>9}  {'cascade s':>9}")
+    for t, n_spk in zip((int(x) for x in args.analyses.split(",")), speakers):
+        s, y, a, b = _trial_list(t, n_spk, 1)
+        rng = np.random.default_rng(1)
+        rows = s + noise * rng.normal(size=(len(names), t))
+        t0 = time.perf_counter()
+        boot = uncertainty.bootstrap(y, a, b, n_resamples=args.resamples)
+        scores.score_analysis(rows, 0.9 * rows - 1.0, y, names, boot=boot)
+        t1 = time.perf_counter()
+        stages = rows[[4, 2, 1, 0]]  # 2 -> 4 -> 8 -> FP32
+        per = {"macs": np.ones(4), "bitops": np.array([2.0, 4, 8, 32]), "bytes": np.ones(4)}
+        idx = np.arange(t)
+        cascade.cascade_analysis(stages, y, stages, y, ["2bit", "4bit", "8bit", "fp32"], per,
+                                 enroll=idx, test=idx + t, boot=boot)  # fmt: skip
+        t2 = time.perf_counter()
+        print(f"{t:>9,} {n_spk:>8}  {t1 - t0:>9.1f}  {t2 - t1:>9.1f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--trials", default="100000,1000000", help="comma-separated trial counts")
@@ -52,7 +82,15 @@ def main() -> None:
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--systems", type=int, default=6)
     p.add_argument("--naive", type=int, default=3, help="resamples timed the naive way")
+    p.add_argument(
+        "--analyses",
+        default="",
+        help="time score_analysis + cascade_analysis at "
+        "these trial counts instead (comma-separated)",
+    )
     args = p.parse_args()
+    if args.analyses:
+        return _time_analyses(args)
     trials = [int(t) for t in args.trials.split(",")]
     speakers = [int(s) for s in args.speakers.split(",")]
     # compile the kernels outside the timings
