@@ -302,6 +302,8 @@ PRESETS: dict[str, dict] = {
     "resnet_demo": {"stage_sizes": (2, 2, 2, 2), "block": "basic", "width": 16},
     "resnet_tiny": {"stage_sizes": (1, 1, 1, 1), "block": "basic", "width": 4, "embed_dim": 32},
 }
+"""The encoders by name: blocks per stage, block kind, and overrides of ``ResNet``'s
+defaults (``build_encoder(name, **overrides)`` builds one)."""
 
 
 def build_encoder(name: str, **overrides: Any) -> ResNet:

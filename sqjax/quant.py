@@ -354,6 +354,13 @@ def _quantize(w: jax.Array, cb: jax.Array, learn: bool) -> jax.Array:
 
 
 class QuantizerState(NamedTuple):
+    """State of ``kmeans_quantizer``: one codebook per quantized leaf.
+
+    Attributes:
+      codebooks: params-shaped; a float32 ``(K,)`` codebook (``(channels, K)`` per channel)
+        for each quantized leaf, None for a float leaf.
+    """
+
     codebooks: Params  # params-shaped: (K,) / (channels, K) float32, or None (float leaf)
 
 
@@ -369,6 +376,7 @@ class Quantizer(NamedTuple):
 
 
 KMeansQuantizer = Quantizer  # the name before uniform grids existed
+"""Another name of ``Quantizer``, kept for code written before uniform grids existed."""
 
 
 def _is_none(x) -> bool:
