@@ -152,16 +152,29 @@ def evaluate_cascades(llrs, labels, eta: float, taus, stage_cost) -> dict:
       {"taus" (G, P-1), "stage" (G, T), "fractions" (G, P), "cost" (G,) expected cost per
       trial, and the ``system_metrics`` arrays}.
     """
-    stage = decided_stage(llrs, eta, taus)
-    fractions = stage_fractions(stage, np.shape(llrs)[0])
+    llrs = _check_llrs(llrs)
+    taus = _check_taus(taus, llrs.shape[0])
+    # Blocks of tau vectors bound the (block, T) LLRs scored at once; the stages are
+    # kept, one byte per trial and tau vector.
+    rows = max(1, _GRID_BLOCK // llrs.shape[1])
+    stages, parts = [], []
+    for i in range(0, len(taus), rows):
+        st = decided_stage(llrs, eta, taus[i : i + rows]).astype(np.int8)
+        stages.append(st)
+        parts.append(system_metrics(cascade_llrs(llrs, st), labels))
+    stage = np.concatenate(stages)
+    fractions = stage_fractions(stage, llrs.shape[0])
     cost = reach_fractions(fractions) @ np.asarray(stage_cost, np.float64)
     return {
-        "taus": _check_taus(taus, np.shape(llrs)[0]),
+        "taus": taus,
         "stage": stage,
         "fractions": fractions,
         "cost": cost,
-        **system_metrics(cascade_llrs(llrs, stage), labels),
+        **{k: np.concatenate([p[k] for p in parts]) for k in parts[0]},
     }
+
+
+_GRID_BLOCK = 1 << 22  # tau vectors x trials scored per block
 
 
 def choose_taus(result: dict, reference: float, metric: str = "eer", tolerance: float = 0.05):
