@@ -293,16 +293,25 @@ def export_workdir(workdir: str | Path, out: str | Path | None = None, bits: int
             raise ValueError(
                 f"{workdir} is an FP32 run: give --bits for post-training quantization"
             )
+        qstate = None
+    path = Path(out) if out else workdir / f"encoder_{bits}bit.npz"
+    return path, export_state(config, state, bits, path, workdir.absolute(), qstate)
+
+
+def export_state(config, state, bits: int, path: str | Path, source: str | Path = "", qstate=None):
+    """Writes the encoder of a train ``state`` as a packed file (``export_workdir``'s
+    format): quantized with ``qstate``, or post-training at ``bits`` when it is None.
+    Returns the ``SizeReport``."""
+    if qstate is None:
         qstate = builders.build_quantizer(config, bits).init(state.params["encoder"])
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
     # Every field of the state (codebooks; a uniform grid's scales and zeros too) over
     # the whole variables tree: BatchNorm statistics stay float.
     floats = jax.tree.map(lambda _: None, state.batch_stats)
     qstate = type(qstate)(*({"params": f, "batch_stats": floats} for f in qstate))
-    meta = _model_metadata(config, bits, workdir.absolute())
+    meta = _model_metadata(config, bits, Path(source))
     meta["step"] = int(state.step)
-    path = Path(out) if out else workdir / f"encoder_{bits}bit.npz"
-    return path, export.export_packed(path, variables, qstate, meta)
+    return export.export_packed(path, variables, qstate, meta)
 
 
 def load_model_file(path: str | Path):

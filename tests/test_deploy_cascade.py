@@ -1,48 +1,90 @@
 """The cascade bundle (``sqjax export --cascade``) and its Verifier, run where JAX cannot
 be imported, against the cascade's analysis path on the same claims."""
 
-import io
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sqjax import cli, prepare
-from sqjax.analysis import calibration, cascade
-from sqjax.experiments import precisions
-
 pytest.importorskip("onnxruntime")
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+from sqjax import builders, cli, evaluate, prepare, runs
+from sqjax.analysis import calibration, cascade
+from sqjax.deploy import commands
+from sqjax.experiments import cascade as exp_cascade
+from sqjax.experiments import precisions
+
+
+def random_state(config, seed: int) -> builders.TrainState:
+    """A train state holding random encoder variables of ``config``'s shapes (He-scaled
+    kernels, BatchNorm statistics away from 0 and 1 so folding them matters): Flax's init
+    compiles for ~20 s on this CPU, ``eval_shape`` traces in well under one."""
+    encoder = builders.build_encoder(config)
+    x = jax.ShapeDtypeStruct((2, config.train.n_frames, encoder.n_mels), jnp.float32)
+    shapes = jax.eval_shape(lambda x: encoder.init(jax.random.key(0), x, train=False), x)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = jax.tree_util.keystr(path)
+        if "kernel" in name:
+            x = rng.normal(size=s.shape) * np.sqrt(2 / np.prod(s.shape[:-1]))
+        elif "var" in name:
+            x = rng.uniform(0.5, 1.5, s.shape)
+        elif "scale" in name:
+            x = rng.uniform(0.8, 1.2, s.shape)
+        else:  # biases, BatchNorm shifts and means
+            x = rng.normal(size=s.shape) * 0.1
+        return jnp.asarray(x, s.dtype)
+
+    v = jax.tree_util.tree_map_with_path(fill, shapes)
+    return builders.TrainState(
+        step=jnp.zeros((), jnp.int32), params={"encoder": v["params"]},
+        batch_stats=v["batch_stats"], opt_state=(), qstate=(),
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_config, tmp_path_factory):
-    """A tiny FP32 run, its PTQ cascade 2,4,32 and the bundle of it."""
-    run = tmp_path_factory.mktemp("run")
-    synth = tiny_config.data.synth_dir
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("sys.stdout", io.StringIO())
-        cli.main(["train", "--config", str(CONFIGS / "tiny.py"), "--workdir", str(run),
-                  f"--config.data.synth_dir={synth}", "--config.progress=False",
-                  "--config.data.synth_args.workers=1", "--config.train.num_steps=2",
-                  "--config.eval.baseline=False"])  # fmt: skip
-        cli.main(["cascade", "--workdir", str(run), "--ptq", "2,4", "--stages", "2,4,32",
-                  "--tolerance", "0.5"])  # fmt: skip
-        out = run / "bundle"
-        cli.main(["export", "--cascade", "--workdir", str(run), "--stages", "2,4,32",
-                  "--out", str(out)])  # fmt: skip
-    return run, out
+def stages(tiny_config, tmp_path_factory):
+    """The tiny model at initialisation (no training: a bundle's decisions need no
+    accuracy) and its PTQ cascade 2,4,32 from ``run_cascade``: ``(config, {name:
+    variables}, out dir with cascade.json, the train state)``."""
+    config = tiny_config.copy_and_resolve_references()
+    config.eval.baseline = False
+    config.eval.bootstrap.n_resamples = 20  # intervals are not what this file checks
+    state = random_state(config, seed=0)
+    variables = {"fp32": evaluate.encoder_variables(state)}
+    for bits in (4, 2):
+        variables[f"{bits}bit"] = runs.ptq_variables(config, state, bits)
+    out = tmp_path_factory.mktemp("cascade")
+    exp_cascade.run_cascade(config, variables, (2, 4, 32), out, tolerance=0.5)
+    return config, variables, out, state
+
+
+@pytest.fixture(scope="module")
+def bundle(stages):
+    """The bundle of the cascade: each stage's ONNX file from the state in memory (as
+    ``sqjax export --cascade --workdir`` writes them from a run), then the manifest."""
+    config, _, out, state = stages
+    b = out / "bundle"
+    b.mkdir()
+    files = [
+        commands.export_state_onnx(config, state, b / f"stage{p}_{name}.onnx", bits)
+        for p, (name, bits) in enumerate((("2bit", 2), ("4bit", 4), ("fp32", 32)))
+    ]
+    commands.write_bundle(b, files, (2, 4, 32), out / "cascade.json", out)
+    return out, b
 
 
 def test_bundle_files(bundle):
     run, out = bundle
     m = json.loads((out / "manifest.json").read_text())
-    result = json.loads((run / "cascade" / "cascade.json").read_text())
+    result = json.loads((run / "cascade.json").read_text())
     assert m["format"] == "sqjax-cascade-bundle" and m["version"] == 1
     assert [s["name"] for s in m["stages"]] == result["stages"] == ["2bit", "4bit", "fp32"]
     assert [s["a"] for s in m["stages"]] == result["calibration"]["a"]
@@ -80,10 +122,10 @@ print(json.dumps({"out": out, "jax": "jax" in sys.modules and sys.modules["jax"]
 """
 
 
-def test_verifier_without_jax_decides_as_the_analysis_path(bundle, tmp_path):
-    run, out = bundle
-    result = json.loads((run / "cascade" / "cascade.json").read_text())
-    config, variables = precisions.ptq_precisions(run, (2, 4))
+def test_verifier_without_jax_decides_as_the_analysis_path(stages, bundle, tmp_path):
+    config, variables, run, _ = stages
+    out = bundle[1]
+    result = json.loads((run / "cascade.json").read_text())
     names = result["stages"]
     split = prepare.test_data(config)
     # The analysis path: every stage's scores from one batched pass, calibrated, decided.

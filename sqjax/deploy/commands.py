@@ -25,7 +25,10 @@ __all__ = [
     "evaluate_onnx_file",
     "export_cascade",
     "export_onnx",
+    "export_state_onnx",
+    "mel_filters",
     "verify_claims",
+    "write_bundle",
 ]
 
 
@@ -118,6 +121,53 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def export_state_onnx(
+    config,
+    state,
+    out: str | Path,
+    bits: int | None = None,
+    *,
+    qstate=None,
+    source="",
+    packing: str = "bits",
+) -> Path:
+    """Writes the ONNX encoder of a train ``state`` in memory: float (``bits`` None),
+    quantized with ``qstate``, or post-training quantized at ``bits``."""
+    from sqjax import evaluate, runs
+
+    if bits is None or bits == 32:
+        meta = runs._model_metadata(config, 32, Path(source))
+        meta["step"] = int(state.step)
+        return onnx_export.export_variables(evaluate.encoder_variables(state), meta, out, packing)
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = Path(tmp) / "encoder.npz"
+        runs.export_state(config, state, bits, npz, source, qstate)
+        return onnx_export.export_model_file(npz, out, packing)
+
+
+def _checked_cascade(cj: Path, stages, source: str) -> dict:
+    from sqjax.experiments import cascade as cascade_lib
+
+    names = cascade_lib.stage_names(stages)
+    if not cj.is_file():
+        raise FileNotFoundError(
+            f"{cj}: no cascade result; run `sqjax cascade {source} --stages "
+            f"{','.join(map(str, stages))}` first"
+        )
+    result = json.loads(cj.read_text())
+    if result["stages"] != names:
+        raise ValueError(
+            f"{cj} is the cascade of stages {result['stages']}, not {names}: rerun `sqjax "
+            f"cascade` with --stages {','.join(map(str, stages))}, or give those --stages"
+        )
+    if result.get("chosen") is None:
+        raise ValueError(
+            f"{cj}: no tau kept {result['metric']} within the tolerance on the calibration "
+            "trials; rerun `sqjax cascade` with a larger --tolerance"
+        )
+    return result
+
+
 def export_cascade(
     out: str | Path,
     stages,
@@ -145,22 +195,7 @@ def export_cascade(
     names = cascade_lib.stage_names(stages)
     source = Path(study or workdir)
     cj = Path(cascade_json or source / "cascade" / "cascade.json")
-    if not cj.is_file():
-        raise FileNotFoundError(
-            f"{cj}: no cascade result; run `sqjax cascade --{'study' if study else 'workdir'} "
-            f"{source} --stages {','.join(map(str, stages))}` first"
-        )
-    result = json.loads(cj.read_text())
-    if result["stages"] != names:
-        raise ValueError(
-            f"{cj} is the cascade of stages {result['stages']}, not {names}: rerun `sqjax "
-            f"cascade` with --stages {','.join(map(str, stages))}, or give those --stages"
-        )
-    if result.get("chosen") is None:
-        raise ValueError(
-            f"{cj}: no tau kept {result['metric']} within the tolerance on the calibration "
-            "trials; rerun `sqjax cascade` with a larger --tolerance"
-        )
+    _checked_cascade(cj, stages, f"--{'study' if study else 'workdir'} {source}")
     if study:
         sub = next(p for p in sorted(Path(study).glob("*bit")) if (p / "config.json").exists())
         fp32_dir = Path(workdir_lib.load_run_config(sub).quant.init_from)
@@ -168,7 +203,7 @@ def export_cascade(
         fp32_dir = Path(workdir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, meta = [], None
+    files = []
     for p, (name, bits) in enumerate(zip(names, stages)):
         file = out / f"stage{p}_{name}.onnx"
         if bits == 32:
@@ -180,6 +215,22 @@ def export_cascade(
             export_onnx(workdir=run, out=file, packing=packing)
         else:
             export_onnx(workdir=fp32_dir, bits=bits, out=file, packing=packing)
+        files.append(file)
+    return write_bundle(out, files, stages, cj, source)
+
+
+def write_bundle(out: str | Path, files, stages, cascade_json: str | Path, source="") -> dict:
+    """The bundle around stage ONNX files already written into ``out`` (one per stage,
+    cheapest first): ``cascade_json``'s calibration, eta and taus, the front end, the
+    manifest and the runtime (``export_cascade`` without the export). Returns the manifest."""
+    cj = Path(cascade_json)
+    result = _checked_cascade(cj, stages, str(source))
+    names = result["stages"]
+    out = Path(out)
+    rows, meta = [], None
+    for p, (name, bits, file) in enumerate(zip(names, stages, map(Path, files), strict=True)):
+        if file.parent.absolute() != out.absolute():
+            raise ValueError(f"{file}: stage files go in the bundle directory {out}")
         meta = runtime.Encoder(file).metadata
         cal = result["calibration"]
         rows.append({
@@ -189,11 +240,7 @@ def export_cascade(
         })  # fmt: skip
     fe = meta["features"]
     if fe.get("kind", "logmel") == "logmel":
-        import librosa
-
-        n_fft = 1 << (round(fe["sample_rate"] * fe["win_ms"] / 1000) - 1).bit_length()
-        mel = librosa.filters.mel(sr=fe["sample_rate"], n_fft=n_fft, n_mels=fe["n_mels"])
-        np.savez(out / "frontend.npz", mel=mel.astype(np.float32))
+        np.savez(out / "frontend.npz", mel=mel_filters(fe))
     shutil.copyfile(runtime.__file__, out / "sqjax_runtime.py")
     manifest = {
         "format": runtime.BUNDLE_FORMAT,
@@ -205,11 +252,21 @@ def export_cascade(
         "metric": result["metric"],
         "tolerance": result["tolerance"],
         "features": fe,
-        "source": {"dir": str(source.absolute()), "cascade_json": str(cj.absolute())},
+        "source": {"dir": str(Path(source).absolute()), "cascade_json": str(cj.absolute())},
         "runtime": "sqjax_runtime.py: from sqjax_runtime import Verifier (numpy + onnxruntime)",
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def mel_filters(spec: dict) -> np.ndarray:
+    """librosa's ``(n_mels, n_fft // 2 + 1)`` mel filters of a model file's ``features``
+    (what ``sqjax.features.logmel`` uses; the runtime's log-mel front end needs them)."""
+    import librosa
+
+    n_fft = 1 << (round(spec["sample_rate"] * spec["win_ms"] / 1000) - 1).bit_length()
+    mel = librosa.filters.mel(sr=spec["sample_rate"], n_fft=n_fft, n_mels=spec["n_mels"])
+    return mel.astype(np.float32)
 
 
 def _read_enroll(path: str | Path) -> dict[str, list[str]]:
