@@ -387,8 +387,18 @@ def test_grids_compares_kmeans_and_uniform_by_hand(trained, tmp_path, capsys):
     workdir, _, _ = trained
     cli.main(["grids", "--workdir", str(workdir), "--bits", "2", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "uniform per channel" in out and "K-means lower at" in out
+    assert "uniform per channel" in out and "K-means lower is" in out
     result = json.loads((tmp_path / "grids.json").read_text())
+    # The paired difference is the rows' difference; its verdict follows its interval.
+    comps = {(c["mode"], c["per_channel"], c["bits"]): c for c in result["comparisons"]}
+    for pc in (False, True):
+        c = comps["ptq", pc, 2]
+        by = {(r["method"], r["per_channel"]): r["eer"] for r in result["rows"] if r["bits"] == 2}
+        assert c["uniform_minus_kmeans_eer"] == pytest.approx(by["uniform", pc] - by["kmeans", pc])
+        lo, hi = c["uniform_minus_kmeans_eer_ci"]
+        assert lo <= hi
+        want = "supported" if lo > 0 else "contradicted" if hi < 0 else "undetermined"
+        assert c["verdict"] == want
     assert (tmp_path / "figures" / "grids.png").stat().st_size > 10_000
     assert len((tmp_path / "grids.csv").read_text().splitlines()) == 1 + 4
     rows = {(r["method"], r["per_channel"], r["bits"]): r for r in result["rows"]}
