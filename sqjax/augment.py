@@ -156,7 +156,7 @@ def load_bank(
         paths = [paths[i] for i in np.linspace(0, len(paths) - 1, max_files).round().astype(int)]
     bank = np.zeros((len(paths), samples), dtype=np.float32)
     for row, path in zip(bank, paths, strict=True):
-        wave = load_audio(path, sample_rate)[:samples]
+        wave = load_audio(path, sample_rate, upsample=True)[:samples]
         row[:] = (
             np.resize(wave, samples) if fill == "tile" else np.pad(wave, (0, samples - len(wave)))
         )

@@ -256,13 +256,49 @@ def read_trials(path: str | os.PathLike, corpus: Corpus | None = None) -> Trials
     return Trials(np.asarray(enroll), np.asarray(test), np.asarray(labels, dtype=bool))
 
 
+MAX_CHANNELS = 2  # mono, or stereo averaged to mono; more is refused (check_format)
+
+
+def check_format(
+    path: str, rate: int, channels: int, sample_rate: int, upsample: bool = False
+) -> None:
+    """Refuses speech audio a model would take in silently mismatched (a ``DataError``
+    naming the file and the fix).
+
+    - A rate below ``sample_rate`` (8 kHz telephone audio for a 16 kHz model): resampling
+      up invents no band above the file's Nyquist frequency, so every such utterance would
+      reach the model band-limited. Convert the corpus knowingly (``sox in.wav -r 16000
+      out.wav``) or train a model at its rate (``data.sample_rate``). Noise banks pass
+      ``upsample=True``: their band matters less than their level.
+    - More than two channels (a microphone array, a multitrack file): which channel or
+      mix is the speaker's is the user's choice (``sox in.wav out.wav remix 1``).
+
+    Higher rates are resampled down; 24- and 32-bit PCM and float files are read exactly.
+    """
+    if rate < sample_rate and not upsample:
+        raise DataError(
+            f"{path}: {rate} Hz audio, below data.sample_rate={sample_rate}: resampling up "
+            f"would feed the model band-limited speech; convert the corpus to "
+            f"{sample_rate} Hz yourself or set data.sample_rate={rate} for a model at its rate"
+        )
+    if channels > MAX_CHANNELS:
+        raise DataError(
+            f"{path}: {channels} channels; sqjax reads mono or stereo (averaged): pick the "
+            f"speaker's channel first (sox in.wav out.wav remix 1)"
+        )
+
+
 def load_audio(
-    path: str | os.PathLike, sample_rate: int = 16000, min_seconds: float = 0.0
+    path: str | os.PathLike,
+    sample_rate: int = 16000,
+    min_seconds: float = 0.0,
+    upsample: bool = False,
 ) -> np.ndarray:
     """Reads an audio file as float32 mono at ``sample_rate``: shape (samples,).
 
-    Channels are averaged; other rates are resampled with librosa (soxr_hq). ``path``
-    may be a URL (``gs://``, ``file://``).
+    Stereo is averaged; higher rates are resampled with librosa (soxr_hq); lower rates
+    and more than two channels are refused unless ``upsample`` (see ``check_format``).
+    ``path`` may be a URL (``gs://``, ``file://``).
     """
     path = fileio.local(path)
     if not fileio.as_path(path).is_file():
@@ -275,6 +311,7 @@ def load_audio(
             f"{path}: cannot read audio ({err}); the file is corrupt or not "
             f"WAV/FLAC: re-convert or remove it"
         ) from err
+    check_format(str(path), sr, wave.shape[1], sample_rate, upsample)
     if wave.shape[0] == 0:
         raise DataError(f"{path}: empty audio (0 samples); remove it from the corpus")
     wave = wave.mean(axis=1, dtype=np.float32)

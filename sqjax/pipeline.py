@@ -33,7 +33,7 @@ import librosa
 import numpy as np
 
 from sqjax import fileio
-from sqjax.data import DataError
+from sqjax.data import DataError, check_format
 
 
 def crop(feats: np.ndarray, n_frames: int, rng: np.random.Generator) -> np.ndarray:
@@ -104,11 +104,13 @@ class CropSampler(_Balanced):
 
 def read_crop(path: str, n_samples: int, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
     """A random ``(n_samples,)`` float32 mono crop of an audio file at ``sample_rate``,
-    reading only the crop; shorter files are repeated to fit. Other rates are resampled
-    (the crop is read at the file's rate, long enough to cover ``n_samples``)."""
+    reading only the crop; shorter files are repeated to fit. Higher rates are resampled
+    (the crop is read at the file's rate, long enough to cover ``n_samples``); lower rates
+    and more than two channels are refused (``data.check_format``)."""
     try:
         with fileio.sound_file(path) as f:
             sr, total = f.samplerate, f.frames
+            check_format(path, sr, f.channels, sample_rate)
             need = n_samples if sr == sample_rate else math.ceil(n_samples * sr / sample_rate) + 8
             if total > need:
                 f.seek(int(rng.integers(0, total - need + 1)))

@@ -196,6 +196,10 @@ CASES = [
      "--trials {trials}"), "0 samples"),
     ("eval-nan-samples", _wave(np.full(16000, np.nan, np.float32), subtype="FLOAT"),
      "eval --workdir {run} --data {data} --trials {trials}", "NaN"),
+    ("eval-8-khz", _wave(np.zeros(8000, np.float32), sr=8000), ("eval --workdir {run} "
+     "--data {data} --trials {trials}"), "8000 Hz audio, below data.sample_rate=16000"),
+    ("eval-3-channels", _wave(np.zeros((16000, 3), np.float32)), ("eval --workdir {run} "
+     "--data {data} --trials {trials}"), "3 channels"),
     ("eval-too-short", _wave(np.zeros(800, np.float32)), ("eval --workdir {run} "
      "--data {data} --trials {trials}"), "shorter than min_seconds"),
     ("eval-not-a-model", _not_a_model, ("eval --model {model} --data {synth}/test "

@@ -110,17 +110,42 @@ def test_read_trials_both_formats(tmp_path, vox_root):
     assert trials.labels.tolist() == [True, False]
 
 
-def test_load_audio_resamples_and_keeps_frequency(tmp_path):
-    path = _write(str(tmp_path / "8k.wav"), _sine(freq=1000.0, seconds=1.0, sr=8000), sr=8000)
+def test_load_audio_resamples_down_and_keeps_frequency(tmp_path):
+    path = _write(str(tmp_path / "32k.wav"), _sine(freq=1000.0, seconds=1.0, sr=32000), sr=32000)
     wave = data.load_audio(path, sample_rate=16000)
     assert wave.dtype == np.float32 and wave.ndim == 1
     assert abs(len(wave) - 16000) <= 1
     spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
     peak_hz = np.argmax(spectrum) * 16000 / len(wave)
     assert abs(peak_hz - 1000.0) < 2.0
+
+
+def test_load_audio_refuses_lower_rates_unless_asked(tmp_path):
+    path = _write(str(tmp_path / "8k.wav"), _sine(freq=1000.0, seconds=1.0, sr=8000), sr=8000)
+    with pytest.raises(data.DataError, match=r"8k.wav: 8000 Hz audio, below data.sample_rate"):
+        data.load_audio(path, sample_rate=16000)
+    wave = data.load_audio(path, sample_rate=16000, upsample=True)  # what noise banks ask
+    assert abs(len(wave) - 16000) <= 1
     # Nothing above the old Nyquist (4 kHz) was invented by the resampler.
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
     freqs = np.fft.rfftfreq(len(wave), 1 / 16000)
+    assert abs(freqs[np.argmax(spectrum)] - 1000.0) < 2.0
     assert spectrum[freqs > 4200].max() < 1e-3 * spectrum.max()
+
+
+def test_load_audio_refuses_more_than_two_channels(tmp_path):
+    path = str(tmp_path / "three.wav")
+    sf.write(path, np.zeros((1600, 3), np.float32), 16000)
+    with pytest.raises(data.DataError, match=r"three.wav: 3 channels"):
+        data.load_audio(path)
+
+
+def test_load_audio_reads_24_bit_pcm_exactly(tmp_path):
+    # 24-bit PCM is lossless audio (studio corpora): read as int / 2^23, no refusal.
+    ints = np.random.default_rng(0).integers(-(2**23), 2**23, size=4000)
+    path = str(tmp_path / "24.wav")
+    sf.write(path, (ints << 8).astype(np.int32), 16000, subtype="PCM_24")  # top 24 bits
+    np.testing.assert_array_equal(data.load_audio(path), (ints / 2.0**23).astype(np.float32))
 
 
 def test_load_audio_stereo_is_mean(tmp_path):

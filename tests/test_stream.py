@@ -37,13 +37,16 @@ def test_read_crop_is_a_window_of_the_file_or_wraps(tmp_path):
 
 
 def test_read_crop_resamples_and_names_bad_files(tmp_path):
-    t = np.arange(8000) / 8000
-    path = _wav(tmp_path / "8k.wav", np.sin(2 * np.pi * 440 * t).astype(np.float32), sr=8000)
+    t = np.arange(32000) / 32000
+    path = _wav(tmp_path / "32k.wav", np.sin(2 * np.pi * 440 * t).astype(np.float32), sr=32000)
     c = read_crop(path, 3200, 16000, np.random.default_rng(0))
     assert c.shape == (3200,) and c.dtype == np.float32
     # A 440 Hz tone stays a 440 Hz tone at the new rate.
     spectrum = np.abs(np.fft.rfft(c))
     assert abs(np.argmax(spectrum) * 16000 / 3200 - 440) <= 5
+    low = _wav(tmp_path / "8k.wav", np.zeros(8000, np.float32), sr=8000)
+    with pytest.raises(DataError, match="8k.wav: 8000 Hz audio, below"):
+        read_crop(low, 3200, 16000, np.random.default_rng(0))
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio at all")
     with pytest.raises(DataError, match="bad.wav: cannot read audio"):
