@@ -5,7 +5,7 @@ sqjax train --config configs/demo.py --workdir runs/demo [--config.train.num_ste
 sqjax qat   --config configs/qat_demo.py --workdir runs/demo_qat
 sqjax ptq   --workdir runs/demo --bits 8,4,2
 sqjax export --workdir runs/demo_qat/2bit
-sqjax export --workdir runs/demo_qat/2bit --format onnx   # or --model FILE.npz --format onnx
+sqjax export --workdir runs/demo_qat/2bit --format onnx   # or --model FILE.npz; [--with-frontend]
 sqjax export --cascade --study runs/qat_demo --stages 2,4,32 --out bundle/
 sqjax verify --bundle bundle/ --data DIR --enroll LIST --claims FILE
 sqjax eval  --workdir runs/r34 --data /data/vox1 --trials /data/vox1/veri_test2.txt
@@ -244,7 +244,7 @@ def cmd_ptq(args, overrides) -> None:
 def cmd_export(args, overrides) -> None:
     from sqjax import runs
 
-    if args.cascade or args.format == "onnx" or args.model:
+    if args.cascade or args.format == "onnx" or args.model or args.with_frontend:
         return _export_deploy(args)
     if not args.workdir:
         raise ValueError("give --workdir RUN (--model FILE.npz goes with --format onnx)")
@@ -257,6 +257,11 @@ def cmd_export(args, overrides) -> None:
 def _export_deploy(args) -> None:
     from sqjax.deploy import commands
 
+    if args.with_frontend and (args.cascade or args.format != "onnx"):
+        raise ValueError(
+            "--with-frontend goes with --format onnx (a bundle's stages take features; "
+            "its runtime computes them)"
+        )
     if args.cascade:
         if not args.out:
             raise ValueError("--cascade needs --out BUNDLE_DIR")
@@ -272,9 +277,12 @@ def _export_deploy(args) -> None:
     if args.format != "onnx":
         raise ValueError("--model FILE.npz is already a model file: add --format onnx")
     path = commands.export_onnx(
-        workdir=args.workdir, model=args.model, out=args.out, bits=args.bits, packing=args.packing
-    )
-    print(f"wrote {path} ({path.stat().st_size:,} bytes, ONNX, {args.packing} indices)")
+        workdir=args.workdir, model=args.model, out=args.out, bits=args.bits,
+        packing=args.packing, frontend=args.with_frontend,
+    )  # fmt: skip
+    start = "the waveform" if args.with_frontend else "features"
+    print(f"wrote {path} ({path.stat().st_size:,} bytes, ONNX from {start}, "
+          f"{args.packing} indices)")  # fmt: skip
 
 
 def cmd_verify(args, overrides) -> None:
@@ -565,6 +573,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--model", default="", help="--format onnx of a `sqjax export` .npz file")
     x.add_argument(
         "--packing", choices=("bits", "uint8"), default="bits", help="ONNX index storage"
+    )
+    x.add_argument(
+        "--with-frontend",
+        action="store_true",
+        help="--format onnx from the waveform (the features computed in the graph)",
     )
     x.add_argument("--cascade", action="store_true", help="a cascade bundle into --out DIR")
     x.add_argument("--study", default="", help="--cascade: a `sqjax qat` study directory")

@@ -209,6 +209,52 @@ def test_two_bit_demo_model_is_under_a_tenth_of_fp32(tmp_path):
     assert two <= fp32 / 10, (two, fp32)
 
 
+def _speechlike(n=2, seconds=2.0, seed=0):
+    """Waves in [-1, 1]: amplitude-modulated tones in noise, with a near-silent second
+    (1e-4) where the power spectrum is tiny and a log's rounding shows first."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(16000 * seconds)) / 16000
+    rows = []
+    for i in range(n):
+        x = 0.3 * np.sin(2 * np.pi * (180 + 90 * i) * t) * (1 + np.sin(2 * np.pi * 3 * t))
+        x = x + 0.05 * rng.normal(size=t.size) + 0.01  # a DC offset, which Kaldi removes
+        x[:16000] *= 1e-3
+        rows.append(x)
+    return np.asarray(rows, np.float32)
+
+
+@pytest.mark.parametrize("kind", ["logmel", "kaldi"])
+def test_frontend_graph_computes_sqjax_features(tmp_path, kind):
+    """``--with-frontend``: the graph's features of 16 kHz waves against
+    ``sqjax.features`` (librosa; the Kaldi recipe, itself checked against
+    kaldi-native-fbank), and its embeddings against the features-input graph's."""
+    from sqjax import features
+
+    config = _config(embed_dim=32)
+    config.features.kind = kind
+    variables = _variables(config, seed=2)
+    npz = _model_file(tmp_path / "m.npz", config, variables, 2, per_channel=True)
+    wave_file = onnx_export.export_model_file(npz, tmp_path / "w.onnx", frontend=True)
+    encoder = runtime.Encoder(wave_file)
+    assert encoder.takes_wave
+    waves = _speechlike(seconds=3.0)
+    emb, feats = encoder.session.run(["embedding", "feats"], {"wave": waves})
+    extract = features.logmel if kind == "logmel" else features.kaldi_fbank
+    want = np.stack([extract(w, n_mels=80) for w in waves])
+    assert feats.shape == want.shape
+    np.testing.assert_allclose(feats, want, rtol=0, atol=1e-3)
+    plain = runtime.Encoder(onnx_export.export_model_file(npz, tmp_path / "f.onnx"))
+    assert _rel_err(emb, plain.run(want)) < 1e-4
+    # A wave of exactly 100 frames is embedded whole by both paths: the same embedding.
+    n = (512 if kind == "logmel" else 400) + 99 * 160
+    short = waves[:, 16000 : 16000 + n]
+    one = np.stack([extract(w, n_mels=80) for w in short])
+    assert one.shape[1] == 100
+    assert _rel_err(encoder.embed_waves(list(short)), plain.embed(list(one))) < 1e-4
+    with pytest.raises(ValueError, match="takes features; export --with-frontend"):
+        plain.embed_waves(list(short))
+
+
 def test_command_line_export_embed_eval(tiny, tiny_config, tmp_path, capsys):
     """``sqjax export --model X.npz --format onnx``, then ``embed`` and ``eval --model
     X.onnx``: the .npz file's embeddings (sqjax, JAX) to 1e-4 and its EER to 4 decimals."""
@@ -237,6 +283,20 @@ def test_command_line_export_embed_eval(tiny, tiny_config, tmp_path, capsys):
 
     with pytest.raises(ValueError, match="--model FILE.npz is already a model file"):
         main(["--debug", "export", "--model", str(npz)])
+
+    # --with-frontend: the same model from the waveform; embed reads the audio itself.
+    main(["export", "--model", str(npz), "--format", "onnx", "--with-frontend"])
+    assert "ONNX from the waveform" in capsys.readouterr().out
+    wave_file = tmp_path / "m_wave.onnx"
+    main(
+        ["embed", "--model", str(wave_file), "--data", paths.test, "--out", str(tmp_path / "w.npy")]
+    )
+    got = np.load(tmp_path / "w.npy")
+    assert (tmp_path / "w.utts.txt").read_text().split() == list(split.corpus.utts)
+    waves = [data.load_audio(p) for p in split.corpus.paths]
+    assert _rel_err(got, runtime.Encoder(wave_file).embed_waves(waves)) < 1e-6
+    with pytest.raises(ValueError, match="--with-frontend goes with --format onnx"):
+        main(["--debug", "export", "--cascade", "--with-frontend", "--out", str(tmp_path / "b")])
 
 
 def _wespeaker_resnet():

@@ -51,10 +51,13 @@ def export_onnx(
     out: str | Path | None = None,
     bits: int | None = None,
     packing: str = "bits",
+    frontend: bool = False,
 ) -> Path:
     """Writes the ONNX encoder of a run (QAT: its codebooks; FP32: float, or PTQ at
-    ``bits``) or of a ``sqjax export`` model file. Default path: the model file's with
-    ``.onnx``, or ``WORKDIR/encoder_<b>bit.onnx`` (``encoder_fp32.onnx``)."""
+    ``bits``) or of a ``sqjax export`` model file, from features or, with ``frontend``,
+    from the waveform. Default path: the model file's with ``.onnx``, or
+    ``WORKDIR/encoder_<b>bit.onnx`` (``encoder_fp32.onnx``; ``_wave`` before ``.onnx``
+    with the front end)."""
     from sqjax import runs
 
     if bool(workdir) == bool(model):
@@ -62,18 +65,22 @@ def export_onnx(
     if model:
         if bits:
             raise ValueError("--bits goes with --workdir (PTQ of an FP32 run), not --model")
-        return onnx_export.export_model_file(model, out, packing)
+        if not out and frontend:
+            out = Path(model).with_suffix("").with_name(Path(model).stem + "_wave.onnx")
+        return onnx_export.export_model_file(model, out, packing, frontend)
     workdir = Path(workdir)
     config = runs.workdir_lib.load_run_config(workdir)
+    tail = "_wave.onnx" if frontend else ".onnx"
     if not config.quant.bits and not bits:  # FP32, unquantized
         variables, meta = _fp32_metadata(workdir)
         return onnx_export.export_variables(
-            variables, meta, out or workdir / "encoder_fp32.onnx", packing
+            variables, meta, out or workdir / f"encoder_fp32{tail}", packing, frontend
         )
     with tempfile.TemporaryDirectory() as tmp:
         npz, _ = runs.export_workdir(workdir, Path(tmp) / "encoder.npz", bits)
         b = onnx_export.leaves_from_model_file(npz)[1]["bits"]
-        return onnx_export.export_model_file(npz, out or workdir / f"encoder_{b}bit.onnx", packing)
+        out = out or workdir / f"encoder_{b}bit{tail}"
+        return onnx_export.export_model_file(npz, out, packing, frontend)
 
 
 def _onnx_split(path, data: str, trials: str = "", workers: int = 2):
@@ -95,9 +102,28 @@ def _onnx_split(path, data: str, trials: str = "", workers: int = 2):
     return encoder, split
 
 
+def _wave_split(encoder: runtime.Encoder, data: str, trials: str = ""):
+    """The utterances (of the trials, if given) as waves, for an encoder with its front end."""
+    from sqjax import data as data_lib
+    from sqjax import prepare
+
+    corpus = data_lib.read_corpus(data)
+    trial_list = data_lib.read_trials(trials, corpus) if trials else None
+    if trial_list is not None:
+        corpus = corpus.subset(sorted(set(trial_list.enroll) | set(trial_list.test)))
+    sr = int(encoder.metadata["features"]["sample_rate"])
+    waves = [data_lib.load_audio(p, sr) for p in corpus.paths]
+    return prepare.Split(corpus, None, trial_list), waves
+
+
 def embed_onnx_file(path: str | Path, data: str, *, trials: str = "", workers: int = 2):
     """``(split, embeddings (n_utts, dim))`` of ``data``'s utterances with an ONNX encoder
-    run by onnxruntime (features by sqjax, as ``runs.embed_model_file``)."""
+    run by onnxruntime (features by sqjax, as ``runs.embed_model_file``; an encoder
+    exported with its front end gets the waves)."""
+    encoder = runtime.Encoder(path)
+    if encoder.takes_wave:
+        split, waves = _wave_split(encoder, data, trials)
+        return split, encoder.embed_waves(waves)
     encoder, split = _onnx_split(path, data, trials, workers)
     return split, encoder.embed(split.feats)
 

@@ -18,6 +18,16 @@ tensor codebooks: a ``Mul`` on the decoded kernel; per channel codebooks and uni
 scales: folded into the codebook/scale at export), and its shift becomes the ``Conv``
 bias. Dynamic batch and frames; opset 18 (``BitwiseAnd``).
 
+With ``frontend=True`` (``sqjax export --with-frontend``) the graph starts from the 16 kHz
+waveform ``wave`` ``(batch, samples)`` and also outputs its features ``feats``. Each frame's
+steps before the power spectrum are linear in the frame's samples (librosa's Hann window
+and DFT; Kaldi's DC removal, pre-emphasis, Hamming window and zero-padded DFT), so they
+are folded into one matrix whose rows are the real and imaginary DFT bases: a strided
+``Conv`` frames the wave and applies it in one op. (ONNX's ``STFT`` windows the raw frame
+first, which leaves no place for Kaldi's per-frame DC removal and pre-emphasis, and
+``MelWeightMatrix`` builds HTK triangles, neither librosa's Slaney filters nor Kaldi's;
+the filters are stored as constants instead.)
+
 The file's ``metadata_props["sqjax"]`` holds the model file's metadata (model, features,
 eval settings) as JSON, which ``sqjax.deploy.runtime`` reads without JAX.
 """
@@ -271,12 +281,70 @@ def _resolved_model(model: Mapping) -> dict:
     return out
 
 
-def encoder_onnx(leaves: Leaves, metadata: Mapping, packing: str = "bits") -> onnx.ModelProto:
+def _frame_basis(spec: Mapping) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(kernel (2 * bins, 1, frame), filters (bins, n_mels), hop)`` of a model file's
+    ``features``: the frame-to-spectrum map (real rows, then imaginary) and the mel filters,
+    as ``sqjax.features`` computes them (float64, then float32)."""
+    import librosa
+
+    from sqjax import features
+
+    sr, n_mels = int(spec["sample_rate"]), int(spec["n_mels"])
+    n_fft, win, hop = features._frame_params(sr, spec["win_ms"], spec["hop_ms"])
+    kind = spec.get("kind", "logmel")
+    if kind == "logmel":  # frames of n_fft samples, the Hann window of win centred in them
+        frame, bins = n_fft, n_fft // 2 + 1
+        window = np.zeros(n_fft)
+        lo = (n_fft - win) // 2
+        window[lo : lo + win] = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win) / win)
+        pre = np.diag(window)
+        filters = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels).T
+    elif kind == "kaldi":  # frames of win samples in int16 scale, no Nyquist bin
+        frame, bins = win, n_fft // 2
+        dc = np.eye(win) - 1.0 / win
+        emph = np.eye(win) - 0.97 * np.eye(win, k=-1)
+        emph[0, 0] -= 0.97  # the first sample's predecessor is itself
+        hamming = 0.54 - 0.46 * np.cos(2 * np.pi * np.arange(win) / (win - 1))
+        pre = 32768.0 * np.diag(hamming) @ emph @ dc
+        filters = features._kaldi_mel_banks(n_mels, n_fft, sr)
+    else:
+        raise ValueError(f"features kind {kind!r}: expected 'logmel' or 'kaldi'")
+    angle = 2 * np.pi * np.outer(np.arange(bins), np.arange(frame)) / n_fft
+    kernel = np.concatenate([np.cos(angle) @ pre, -np.sin(angle) @ pre])
+    return kernel[:, None, :].astype(np.float32), filters.astype(np.float32), hop
+
+
+def _frontend(g: _Graph, spec: Mapping) -> str:
+    """Nodes from the input ``wave`` ``(batch, samples)`` to mean-normalised features
+    ``(batch, frames, n_mels)``: frames = 1 + (samples - frame) // hop, as sqjax's."""
+    kernel, filters, hop = _frame_basis(spec)
+    bins = kernel.shape[0] // 2
+    x = g.op("Unsqueeze", "wave", g.const("axis1", np.array([1], np.int64)))  # (B, 1, S)
+    y = g.op("Conv", x, g.const("frame_basis", kernel), strides=[hop])  # (B, 2 * bins, T)
+    y = g.op("Reshape", g.op("Mul", y, y), g.const("b2ft", np.array([0, 2, bins, -1], np.int64)))
+    power = g.op("ReduceSum", y, g.const("axis1", np.array([1], np.int64)), keepdims=0)
+    mel = g.op("MatMul", g.op("Transpose", power, perm=[0, 2, 1]), g.const("mel", filters))
+    if spec.get("kind", "logmel") == "kaldi":
+        feats = g.op("Log", g.op("Max", mel, g.const("eps", np.finfo(np.float32).eps)))
+    else:
+        feats = g.op("Log", g.op("Add", mel, g.const("floor", np.float32(1e-6))))
+    if spec.get("mean_norm", True):
+        axis = g.const("time", np.array([1], np.int64))
+        feats = g.op("Sub", feats, g.op("ReduceMean", feats, axis, keepdims=1))
+    g.nodes.append(helper.make_node("Identity", [feats], ["feats"]))  # a graph output
+    return "feats"
+
+
+def encoder_onnx(
+    leaves: Leaves, metadata: Mapping, packing: str = "bits", frontend: bool = False
+) -> onnx.ModelProto:
     """The ONNX model of the encoder ``leaves`` (``leaves_from_*``) described by
     ``metadata`` (a model file's: ``model``, ``features``, ``eval``, ``bits``).
 
     Input ``feats`` ``(batch, frames, n_mels)`` float32 (mean-normalised features);
-    output ``embedding`` ``(batch, embed_dim)``.
+    output ``embedding`` ``(batch, embed_dim)``. With ``frontend``: input ``wave``
+    ``(batch, samples)`` float32 at the features' sample rate, outputs ``embedding`` and
+    ``feats`` (the features sqjax computes of each row).
     """
     model = _resolved_model(metadata["model"])
     missing = [k for k in (("params", "stem_conv", "kernel"), ("params", "embedding", "kernel"))
@@ -285,7 +353,8 @@ def encoder_onnx(leaves: Leaves, metadata: Mapping, packing: str = "bits") -> on
         raise ValueError(f"not sqjax ResNet encoder variables: no {missing}")
     g = _Graph(packing)
     p = ("params",)
-    x = g.op("Transpose", "feats", perm=[0, 2, 1])  # (B, F, T): H = frequency, W = time
+    feats = _frontend(g, metadata["features"]) if frontend else "feats"
+    x = g.op("Transpose", feats, perm=[0, 2, 1])  # (B, F, T): H = frequency, W = time
     x = g.op("Unsqueeze", x, g.const("axis1", np.array([1], np.int64)))
     x = _conv_bn(g, x, leaves, p, "stem_conv", "stem_bn")
     channels = model["width"]
@@ -324,18 +393,20 @@ def encoder_onnx(leaves: Leaves, metadata: Mapping, packing: str = "bits") -> on
     bias = g.const("embedding_bias", np.asarray(leaves[(*p, "embedding", "bias")], np.float32))
     g.nodes.append(helper.make_node("Gemm", [stats, w, bias], ["embedding"], transB=1))
 
-    graph = helper.make_graph(
-        g.nodes,
-        "sqjax_encoder",
-        [helper.make_tensor_value_info("feats", TensorProto.FLOAT, ["batch", "frames", model["n_mels"]])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", model["embed_dim"]])],
-        g.inits,
-    )  # fmt: skip
+    info = helper.make_tensor_value_info
+    feats_info = info(feats, TensorProto.FLOAT, ["batch", "frames", model["n_mels"]])
+    outputs = [info("embedding", TensorProto.FLOAT, ["batch", model["embed_dim"]])]
+    if frontend:
+        inputs = [info("wave", TensorProto.FLOAT, ["batch", "samples"])]
+        outputs.append(feats_info)
+    else:
+        inputs = [feats_info]
+    graph = helper.make_graph(g.nodes, "sqjax_encoder", inputs, outputs, g.inits)
     proto = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sqjax"
     )
     proto.ir_version = 10  # onnxruntime >= 1.20 reads it
-    meta = {**metadata, "onnx": {"packing": packing, "opset": OPSET}}
+    meta = {**metadata, "onnx": {"packing": packing, "opset": OPSET, "frontend": frontend}}
     helper.set_model_props(proto, {_METADATA_KEY: json.dumps(meta)})
     onnx.checker.check_model(proto)
     return proto
@@ -350,20 +421,29 @@ def _save(proto: onnx.ModelProto, out: str | os.PathLike) -> Path:
 
 
 def export_model_file(
-    model_file: str | os.PathLike, out: str | os.PathLike | None = None, packing: str = "bits"
+    model_file: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    packing: str = "bits",
+    frontend: bool = False,
 ) -> Path:
-    """Writes the ONNX encoder of a ``sqjax export`` file (default: beside it, ``.onnx``)."""
+    """Writes the ONNX encoder of a ``sqjax export`` file (default: beside it, ``.onnx``),
+    from the waveform with ``frontend``."""
     leaves, meta = leaves_from_model_file(model_file)
     if meta.get("kind") != "sqjax-encoder":
         raise ValueError(
             f"{model_file}: a packed file without model settings; write it with `sqjax export`"
         )
     out = Path(out) if out else Path(model_file).with_suffix(".onnx")
-    return _save(encoder_onnx(leaves, meta, packing), out)
+    return _save(encoder_onnx(leaves, meta, packing, frontend), out)
 
 
 def export_variables(
-    variables: Mapping, metadata: Mapping, out: str | os.PathLike, packing: str = "bits"
+    variables: Mapping,
+    metadata: Mapping,
+    out: str | os.PathLike,
+    packing: str = "bits",
+    frontend: bool = False,
 ) -> Path:
     """Writes the ONNX encoder of float encoder ``variables`` (e.g. an FP32 run's)."""
-    return _save(encoder_onnx(leaves_from_variables(variables), metadata, packing), out)
+    leaves = leaves_from_variables(variables)
+    return _save(encoder_onnx(leaves, metadata, packing, frontend), out)

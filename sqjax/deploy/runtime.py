@@ -89,19 +89,32 @@ class Encoder:
         self.batch_size = int(ev.get("batch_size", 32))
         self.max_frames = int(ev.get("max_frames", 3000))
         self.n_mels = int(self.metadata["features"]["n_mels"])
+        # An encoder exported --with-frontend takes 16 kHz waves, not features.
+        self.takes_wave = self.session.get_inputs()[0].name == "wave"
 
-    def run(self, feats: np.ndarray) -> np.ndarray:
-        """Embeddings ``(batch, dim)`` of a batch of equal-length features ``(batch, frames, n_mels)``."""
-        feats = np.ascontiguousarray(feats, np.float32)
-        if feats.ndim != 3 or feats.shape[-1] != self.n_mels:
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Embeddings ``(batch, dim)`` of a batch of equal-length features ``(batch, frames,
+        n_mels)``, or of waves ``(batch, samples)`` for an encoder with its front end."""
+        x = np.ascontiguousarray(x, np.float32)
+        if self.takes_wave:
+            if x.ndim != 2:
+                raise ValueError(f"{self.path}: expects (batch, samples) waves, got {x.shape}")
+            return self.session.run(["embedding"], {"wave": x})[0]
+        if x.ndim != 3 or x.shape[-1] != self.n_mels:
             raise ValueError(
-                f"{self.path}: expects (batch, frames, {self.n_mels}) features, got {feats.shape}"
+                f"{self.path}: expects (batch, frames, {self.n_mels}) features, got {x.shape}"
             )
-        return self.session.run(["embedding"], {"feats": feats})[0]
+        return self.session.run(["embedding"], {"feats": x})[0]
 
-    def embed(self, feats: Sequence[np.ndarray]) -> np.ndarray:
-        """Embeddings ``(n, dim)`` of utterances ``feats`` (each ``(frames, n_mels)``,
-        mean-normalised), cut and batched as ``sqjax.evaluate.extract_embeddings``."""
+    def embed(self, utts: Sequence[np.ndarray]) -> np.ndarray:
+        """Embeddings ``(n, dim)`` of utterances: features ``(frames, n_mels)``,
+        mean-normalised, cut and batched as ``sqjax.evaluate.extract_embeddings``; or, for
+        an encoder with its front end, waves ``(samples,)`` (``embed_waves``)."""
+        if self.takes_wave:
+            return self.embed_waves(utts)
+        return self._embed_segments(self._feature_segments(utts), len(utts))
+
+    def _feature_segments(self, feats: Sequence[np.ndarray]) -> dict[int, list]:
         rungs = length_buckets(MIN_FRAMES, self.max_frames)
         segments: dict[int, list] = {}
         for i, f in enumerate(feats):
@@ -115,16 +128,48 @@ class Encoder:
                     break
                 rung = int(rungs[np.searchsorted(rungs, seg.shape[0], side="right") - 1])
                 segments.setdefault(rung, []).append((i, seg[:rung]))
-        sums, counts = None, np.zeros(len(feats))
-        for rung, items in sorted(segments.items()):
+        return segments
+
+    def embed_waves(self, waves: Sequence[np.ndarray]) -> np.ndarray:
+        """Embeddings ``(n, dim)`` of mono waves at the features' rate, with the graph's
+        front end: each wave whole (features mean-normalised over it), tiled to at least
+        100 frames, split into chunks of ``max_frames`` averaged by length. (``embed`` of
+        features cuts each utterance to a rung of the length ladder instead, so the two
+        differ by the frames that cut drops.)"""
+        if not self.takes_wave:
+            raise ValueError(f"{self.path}: takes features; export --with-frontend for waves")
+        spec = self.metadata["features"]
+        sr, kind = int(spec["sample_rate"]), spec.get("kind", "logmel")
+        win, hop = round(sr * spec["win_ms"] / 1000), round(sr * spec["hop_ms"] / 1000)
+        frame = win if kind == "kaldi" else 1 << (win - 1).bit_length()
+        shortest, longest = frame + (MIN_FRAMES - 1) * hop, frame + (self.max_frames - 1) * hop
+        segments: dict[int, list] = {}
+        for i, w in enumerate(waves):
+            w = np.asarray(w, np.float32)
+            if w.ndim != 1:
+                raise ValueError(f"embed_waves: utterance {i} is not a 1-D wave: {w.shape}")
+            if len(w) < shortest:
+                w = np.resize(w, shortest)  # repeated, as features are below 100 frames
+            for start in range(0, len(w), self.max_frames * hop):
+                seg = w[start : start + longest]
+                if start and len(seg) < shortest:
+                    break
+                n = len(seg) - (len(seg) - frame) % hop  # whole frames only
+                segments.setdefault(n, []).append((i, seg[:n]))
+        return self._embed_segments(segments, len(waves))
+
+    def _embed_segments(self, segments: dict[int, list], n_utts: int) -> np.ndarray:
+        """Length-weighted mean embedding per utterance of ``{length: [(utt, segment)]}``."""
+        sums, counts = None, np.zeros(n_utts)
+        for length, items in sorted(segments.items()):
             for lo in range(0, len(items), self.batch_size):
                 chunk = items[lo : lo + self.batch_size]
                 emb = self.run(np.stack([s for _, s in chunk]))
                 if sums is None:
-                    sums = np.zeros((len(feats), emb.shape[-1]), np.float64)
+                    sums = np.zeros((n_utts, emb.shape[-1]), np.float64)
                 idx = np.array([i for i, _ in chunk])
-                np.add.at(sums, idx, emb * rung)
-                np.add.at(counts, idx, rung)
+                np.add.at(sums, idx, emb * length)
+                np.add.at(counts, idx, length)
         if sums is None:
             return np.zeros((0, int(self.metadata["model"].get("embed_dim") or 0)), np.float32)
         return (sums / counts[:, None]).astype(np.float32)
