@@ -139,6 +139,11 @@ def test_tau_is_chosen_without_the_test_labels():
     reach = cascade.reach_fractions(np.array([a["chosen"]["fractions"]]))[0]
     assert a["chosen"]["rel_bitops"] == pytest.approx(reach @ cost["bitops"] / 32.0)
     assert a["systems"]["2bit"]["rel_bitops"] == pytest.approx(2 / 32)
+    # A service's embeddings per claim: one at each stage reached (1 + the shares that
+    # leave the first stage + those that leave the second), one for a stage alone.
+    f = a["chosen"]["fractions"]
+    assert a["chosen"]["embeddings_per_claim"] == pytest.approx(1 + (f[1] + f[2]) + f[2])
+    assert a["systems"]["fp32"]["embeddings_per_claim"] == 1.0
 
 
 def test_bad_options_are_named():

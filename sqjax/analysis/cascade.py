@@ -281,6 +281,7 @@ def cascade_analysis(
             row[f"{k}_per_trial"] = float(2 * reach @ v)
             row[f"{k}_per_trial_cached"] = float(reach @ v)
             row[f"rel_{k}"] = float(reach @ v / v[-1])
+        row["embeddings_per_claim"] = float(reach.sum())
         row["embedded"] = [int(e) for e in embedded]
         row["rel_embedded_bitops"] = float(
             embedded @ unit["bitops"] / (n_distinct * unit["bitops"][-1])
@@ -320,6 +321,9 @@ def cascade_analysis(
             "per_trial": "both sides embedded at every stage a trial reaches",
             "per_trial_cached": "test side only: enrollment embeddings computed once, reused",
             "rel": "expected per trial, against the last stage alone",
+            "embeddings_per_claim": "a verification service's regime (speakers enrolled once "
+            "at every stage, one test utterance per claim): embeddings per claim, one per "
+            "stage reached (the last stage alone: 1); rel_* are that regime's costs",
             "embedded": "distinct utterances embedded per stage on this trial list (what the "
             "deployment path computes)",
             "storage": "packed sizes of every stage model together (bytes)",

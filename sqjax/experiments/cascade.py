@@ -284,10 +284,17 @@ def format_cascade(result: dict) -> str:
             f"test-optimal under the same rule: rel {result['cost']} "
             f"{t['rel_' + result['cost']]:.3f} vs {c['rel_' + result['cost']]:.3f} chosen on cal"
         )
+    if c is not None:
+        lines.append(
+            f"service regime (enrolled once, one utterance per claim): "
+            f"{c['embeddings_per_claim']:.2f} embeddings per claim, rel bitops "
+            f"{c['rel_bitops']:.3f} ({names[-1]} alone: 1.00, 1.000)"
+        )
     d = result.get("deployment")
     if d:
         lines.append(
-            f"deployment path: {'same' if d['same_decisions'] else 'DIFFERENT'} decisions; "
+            f"all-pairs deployment path: {'same' if d['same_decisions'] else 'DIFFERENT'} "
+            f"decisions; "
             f"embedded {', '.join(f'{n} {e}' for n, e in zip(names, d['embedded']))} of "
             f"{d['utterances']} utterances; wall {d['wall_s']:.1f} s vs "
             f"{d['wall_s_last_stage_alone']:.1f} s for {names[-1]} alone"
