@@ -290,16 +290,26 @@ def test_analyze_ptq_of_a_run(trained, capsys):
         assert (workdir / "analysis" / "figures" / f"{name}.png").stat().st_size > 5000
 
 
-def test_layers_of_a_run(trained, capsys):
+@pytest.fixture(scope="module")
+def layers_1bit(trained):
+    """``sqjax layers --bits 1 --protect 8 --top 3`` of the run, once: (out dir, printed)."""
+    workdir = trained[0]
+    with pytest.MonkeyPatch.context() as mp:
+        out = io.StringIO()
+        mp.setattr("sys.stdout", out)
+        argv = ["layers", "--workdir", str(workdir), "--bits", "1", "--protect", "8", "--top", "3"]
+        cli.main(argv)
+    return workdir / "layers", out.getvalue()
+
+
+def test_layers_of_a_run(layers_1bit):
     import csv
 
-    workdir, _, _ = trained
-    cli.main(["layers", "--workdir", str(workdir), "--bits", "2", "--protect", "8", "--top", "3"])
-    out = capsys.readouterr().out
-    assert "2bit: reference EER" in out and "Spearman" in out and "mixed precision" in out
-    result = json.loads((workdir / "layers" / "layer_analysis.json").read_text())
-    a = result["widths"]["2bit"]
-    with open(workdir / "layers" / "layers.csv") as f:
+    folder, out = layers_1bit
+    assert "1bit: reference EER" in out and "Spearman" in out and "mixed precision" in out
+    result = json.loads((folder / "layer_analysis.json").read_text())
+    a = result["widths"]["1bit"]
+    with open(folder / "layers.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["path"] for r in rows] == [r["path"] for r in a["layers"]]
     # The printed table shows the most sensitive layers, in the ranking's order.
@@ -311,38 +321,13 @@ def test_layers_of_a_run(trained, capsys):
     )
 
 
-def test_layers_per_channel_codebooks_distort_less(trained, capsys):
+def test_layers_per_channel_codebooks_distort_less(trained, layers_1bit, capsys):
     workdir, _, _ = trained
     out = workdir / "layers_pc"
-    cli.main(
-        [
-            "layers",
-            "--workdir",
-            str(workdir),
-            "--bits",
-            "1",
-            "--protect",
-            "8",
-            "--per-channel",
-            "--out",
-            str(out),
-        ]
-    )
+    argv = ["layers", "--workdir", str(workdir), "--bits", "1", "--protect", "8"]
+    cli.main([*argv, "--per-channel", "--out", str(out)])
     per_channel = json.loads((out / "layer_analysis.json").read_text())["widths"]["1bit"]
-    cli.main(
-        [
-            "layers",
-            "--workdir",
-            str(workdir),
-            "--bits",
-            "1",
-            "--protect",
-            "8",
-            "--out",
-            str(workdir / "layers_pt"),
-        ]
-    )
-    per_tensor = json.loads((workdir / "layers_pt" / "layer_analysis.json").read_text())
+    per_tensor = json.loads((layers_1bit[0] / "layer_analysis.json").read_text())
     pt = {r["path"]: r["rel_err"] for r in per_tensor["widths"]["1bit"]["layers"]}
     # More codebooks, each fitted to fewer weights: never more squared error per tensor.
     for r in per_channel["layers"]:
