@@ -492,8 +492,11 @@ def cmd_synth(args, overrides) -> None:
         root = synth.generate_corpus(
             args.out,
             n_train_speakers=args.speakers,
+            n_dev_speakers=args.dev_speakers,
             n_test_speakers=args.test_speakers,
             utts_per_speaker=args.utts,
+            test_utts_per_speaker=args.test_utts,
+            n_trials=args.trials,
             difficulty=args.difficulty,
             seed=args.seed,
             workers=args.workers,
@@ -739,8 +742,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", help="generate the built-in synthetic speaker corpus")
     s.add_argument("--out", required=True)
     s.add_argument("--speakers", type=_at_least(2), default=100, help="training speakers")
+    s.add_argument("--dev-speakers", type=_at_least(2), default=20, help="calibration speakers")
     s.add_argument("--test-speakers", type=_at_least(2), default=50)
     s.add_argument("--utts", type=_at_least(1), default=16, help="utterances per training speaker")
+    s.add_argument(
+        "--test-utts", type=_at_least(2), default=8, help="utterances per dev/test speaker"
+    )
+    s.add_argument("--trials", type=_at_least(2), default=4000, help="trials per dev/test list")
     s.add_argument("--difficulty", type=_at_least(0.0, float), default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=_at_least(1), default=os.cpu_count() or 1)

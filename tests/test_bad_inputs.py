@@ -155,6 +155,8 @@ CASES = [
     ("synth-0-utts", _plain, "synth --out {tmp}/c --utts 0", "--utts"),
     ("synth-1-test-speaker", _plain, "synth --out {tmp}/c --test-speakers 1", "--test-speakers"),
     ("synth-0-workers", _plain, "synth --out {tmp}/c --workers 0", "--workers"),
+    ("synth-1-trial", _plain, "synth --out {tmp}/c --trials 1", "--trials"),
+    ("synth-1-test-utt", _plain, "synth --out {tmp}/c --test-utts 1", "--test-utts"),
     ("synth-neg-difficulty", _plain, "synth --out {tmp}/c --difficulty -1", "--difficulty"),
     # train: config values
     ("train-0-steps", _plain, ("train --config {tiny} --workdir {tmp}/w {syn} "

@@ -166,3 +166,19 @@ def test_bad_arguments_raise(tmp_path):
         synth.generate_corpus(tmp_path, **{**TINY, "min_duration": 2.0, "max_duration": 1.0})
     with pytest.raises(ValueError, match="difficulty"):
         synth.apply_channel(np.zeros(100), np.random.default_rng(0), -1.0, 16000)
+
+
+def test_synth_command_sizes_every_split(tmp_path, capsys):
+    """``sqjax synth`` passes each size to the corpus: speakers per split, utterances per
+    speaker, trials per list (counted in the files, not read back from synth.json)."""
+    from sqjax import cli
+
+    out = tmp_path / "c"
+    cli.main(["synth", "--out", str(out), "--speakers", "2", "--utts", "1", "--dev-speakers", "3",
+              "--test-speakers", "4", "--test-utts", "2", "--trials", "10", "--workers", "1"])  # fmt: skip
+    assert "corpus in" in capsys.readouterr().out
+    for split, n_spk, n_utt in (("train", 2, 1), ("dev", 3, 2), ("test", 4, 2)):
+        spk = [line.split()[1] for line in (out / split / "utt2spk").read_text().splitlines()]
+        assert len(set(spk)) == n_spk and len(spk) == n_spk * n_utt, split
+    for split in ("dev", "test"):
+        assert len((out / split / "trials").read_text().splitlines()) == 10
