@@ -394,6 +394,7 @@ def cmd_layers(args, overrides) -> None:
             **_trials(args),
             tolerance=args.tolerance,
             threshold=args.threshold,
+            speakers=args.speakers,
         )
     print(layers.format_layers(result, top=args.top))
     print(f"\nwrote {out}/layers.csv, layer_analysis.json, figures/")
@@ -639,6 +640,13 @@ def build_parser() -> argparse.ArgumentParser:
     _trial_args(ly, cal="the trials the mix is chosen on")
     ly.add_argument("--threshold", choices=("eer", "min_dcf"), default="eer", help="flips' theta")
     ly.add_argument(
+        "--speakers",
+        type=_at_least(0),
+        default=0,
+        help="only the trials among the first N speakers of each split (0: all); a layer-"
+        "wise analysis embeds every utterance once per variant",
+    )
+    ly.add_argument(
         "--top", type=_at_least(1), default=10, help="layers shown in the printed table"
     )
     ly.add_argument("--out", default="", help="output dir (default: STUDY_OR_RUN/layers)")
@@ -742,13 +750,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", help="generate the built-in synthetic speaker corpus")
     s.add_argument("--out", required=True)
     s.add_argument("--speakers", type=_at_least(2), default=100, help="training speakers")
-    s.add_argument("--dev-speakers", type=_at_least(2), default=20, help="calibration speakers")
-    s.add_argument("--test-speakers", type=_at_least(2), default=50)
+    s.add_argument("--dev-speakers", type=_at_least(2), default=100, help="calibration speakers")
+    s.add_argument("--test-speakers", type=_at_least(2), default=500)
     s.add_argument("--utts", type=_at_least(1), default=16, help="utterances per training speaker")
     s.add_argument(
-        "--test-utts", type=_at_least(2), default=8, help="utterances per dev/test speaker"
+        "--test-utts", type=_at_least(2), default=16, help="utterances per dev/test speaker"
     )
-    s.add_argument("--trials", type=_at_least(2), default=4000, help="trials per dev/test list")
+    s.add_argument("--trials", type=_at_least(2), default=120_000, help="trials per dev/test list")
     s.add_argument("--difficulty", type=_at_least(0.0, float), default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=_at_least(1), default=os.cpu_count() or 1)

@@ -43,13 +43,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.synth_args = ml_collections.ConfigDict(
         {
             "n_train_speakers": 100,
-            "n_dev_speakers": 20,
-            "n_test_speakers": 50,
+            "n_dev_speakers": 100,
+            "n_test_speakers": 500,
             "utts_per_speaker": 16,
-            "test_utts_per_speaker": 8,
+            "test_utts_per_speaker": 16,
             "min_duration": 2.0,
             "max_duration": 4.0,
-            "n_trials": 4000,
+            "n_trials": 120_000,
             "difficulty": 1.0,
             "seed": 0,
             "workers": 2,
@@ -163,6 +163,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.study = ml_collections.ConfigDict()
     c.study.ptq_bn_utts = 256  # PTQ also with BatchNorm re-estimated on this many crops
     c.study.layer_bits = (2,)  # widths of the layer-wise analysis (PTQ and QAT)
+    # layer-wise analysis on the trials among this many test (and calibration) speakers:
+    # it embeds every utterance once per variant (~100 variants); 0 = all of them
+    c.study.layer_speakers = 50
     c.study.protect_bits = (4, 8)  # widths the mixed-precision suggestion may use
     c.study.layer_tolerance = 0.10  # mix target: EER within this (relative) of FP32
     c.study.cascade_stages = (2, 4, 8, 32)  # 32 = FP32

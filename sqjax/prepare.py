@@ -72,6 +72,24 @@ class Split:
             np.array([spk[u] for u in self.trials.test]),
         )
 
+    def first_speakers(self, n: int) -> Split:
+        """The split restricted to its first ``n`` speakers (sorted by name) and the
+        trials among them; ``n`` <= 0 or at least the split's speakers: the split itself."""
+        names, index = self.corpus.speaker_ids()
+        if n <= 0 or n >= len(names):
+            return self
+        keep = np.flatnonzero(index < n)
+        corpus = self.corpus.subset(self.corpus.utts[i] for i in keep)
+        trials = self.trials
+        if trials is not None:
+            kept = set(corpus.utts)
+            m = np.array([e in kept and t in kept for e, t in zip(trials.enroll, trials.test)])
+            if not m.any():
+                raise ValueError(f"no trial lies among the first {n} speakers of the split")
+            trials = data_lib.Trials(trials.enroll[m], trials.test[m], trials.labels[m])
+        raw = None if self.raw_feats is None else [self.raw_feats[i] for i in keep]
+        return Split(corpus, raw, trials)
+
 
 def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``config.data`` with the built-in corpus generated and its paths filled in."""

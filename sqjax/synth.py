@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from sqjax.workdir import atomic_write
 
-SYNTH_VERSION = 1  # bump whenever the same arguments would give different audio
+SYNTH_VERSION = 2  # bump whenever the same arguments would give different audio or trials
 
 _WIN, _HOP, _NFFT = 512, 128, 1024  # frame, hop and zero-padded FFT length (samples)
 
@@ -443,13 +443,17 @@ def _sample_trials(
 ) -> list[str]:
     """Kaldi trials, half target and half non-target, never an utterance with itself.
 
-    Target pairs are ordered, drawn without replacement while distinct ones last (then
-    cycled evenly); non-target pairs are drawn uniformly.
+    Target pairs are unordered (a cosine score is symmetric: (a, b) and (b, a) would be one
+    trial twice), drawn without replacement while distinct ones last (then cycled evenly),
+    each side first at random; non-target pairs are drawn uniformly.
     """
-    targets = [(a, b) for s in sorted(utts) for a in utts[s] for b in utts[s] if a != b]
+    targets = [
+        (a, b) for s in sorted(utts) for i, a in enumerate(utts[s]) for b in utts[s][i + 1 :]
+    ]
+    order = np.resize(rng.permutation(len(targets)), n_trials // 2)
+    flip = rng.random(len(order)) < 0.5
     trials = [
-        f"{targets[i][0]} {targets[i][1]} target"
-        for i in np.resize(rng.permutation(len(targets)), n_trials // 2)
+        f"{targets[i][f]} {targets[i][1 - f]} target" for i, f in zip(order, flip.astype(int))
     ]
     flat = [(s, u) for s in sorted(utts) for u in utts[s]]
     while len(trials) < n_trials:
@@ -463,16 +467,16 @@ def generate_corpus(
     out_dir: str | os.PathLike,
     *,
     n_train_speakers: int = 100,
-    n_dev_speakers: int = 20,
-    n_test_speakers: int = 50,
+    n_dev_speakers: int = 100,
+    n_test_speakers: int = 500,
     utts_per_speaker: int = 16,
-    test_utts_per_speaker: int = 8,
+    test_utts_per_speaker: int = 16,
     min_duration: float = 2.0,
     max_duration: float = 4.0,
     sample_rate: int = 16000,
     difficulty: float = 1.0,
     seed: int = 0,
-    n_trials: int = 4000,
+    n_trials: int = 120_000,
     workers: int = 1,
     progress: bool = True,
 ) -> pathlib.Path:

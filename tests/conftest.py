@@ -103,6 +103,7 @@ def tiny_config(tmp_path_factory):
 LEARNING_SEED = int(os.environ.get("SQJAX_LEARNING_SEED", "0"))
 LEARNING_OVERRIDES = [
     "--config.data.synth_args.n_train_speakers=48",
+    "--config.data.synth_args.n_dev_speakers=20",
     "--config.data.synth_args.utts_per_speaker=6",
     "--config.data.synth_args.n_test_speakers=20",
     "--config.data.synth_args.test_utts_per_speaker=5",

@@ -322,11 +322,19 @@ def test_layers_of_a_run(layers_1bit):
 
 
 def test_layers_per_channel_codebooks_distort_less(trained, layers_1bit, capsys):
-    workdir, _, _ = trained
+    workdir, synth_dir, _ = trained
     out = workdir / "layers_pc"
     argv = ["layers", "--workdir", str(workdir), "--bits", "1", "--protect", "8"]
-    cli.main([*argv, "--per-channel", "--out", str(out)])
-    per_channel = json.loads((out / "layer_analysis.json").read_text())["widths"]["1bit"]
+    cli.main([*argv, "--per-channel", "--out", str(out), "--speakers", "3"])
+    result = json.loads((out / "layer_analysis.json").read_text())
+    per_channel = result["widths"]["1bit"]
+    # --speakers 3: the trials whose two sides are among the first 3 test speakers by name
+    spk = dict(line.split() for line in Path(synth_dir, "test", "utt2spk").read_text().splitlines())
+    first = set(sorted(set(spk.values()))[:3])
+    trials = [line.split() for line in Path(synth_dir, "test", "trials").read_text().splitlines()]
+    kept = [t for t in trials if spk[t[0]] in first and spk[t[1]] in first]
+    assert 0 < len(kept) < len(trials)
+    assert (result["trials"]["speakers"], result["trials"]["n_trials"]) == (3, len(kept))
     per_tensor = json.loads((layers_1bit[0] / "layer_analysis.json").read_text())
     pt = {r["path"]: r["rel_err"] for r in per_tensor["widths"]["1bit"]["layers"]}
     # More codebooks, each fitted to fewer weights: never more squared error per tensor.

@@ -84,3 +84,27 @@ def test_warns_of_a_cache_in_the_old_layout(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="sqjax"):
         _load(_data_dir(tmp_path / "dev", seed=4), cache)
     assert f"{cache} holds features cached by an older sqjax" in caplog.text
+
+
+def test_first_speakers_keeps_their_utterances_and_the_trials_among_them():
+    from sqjax import data as data_lib
+
+    speakers = ("b", "a", "c", "a", "c", "b", "a")
+    utts = tuple(f"u{i}" for i in range(len(speakers)))
+    corpus = data_lib.Corpus(utts, tuple(f"/{u}.wav" for u in utts), speakers)
+    raw = [np.full((2, 3), i, np.float32) for i in range(len(utts))]
+    pairs = [("u1", "u3", 1), ("u0", "u6", 0), ("u2", "u4", 1), ("u5", "u0", 1), ("u3", "u5", 0)]
+    enroll, test, labels = (np.array(x) for x in zip(*pairs))
+    trials = data_lib.Trials(enroll, test, labels.astype(bool))
+    split = prepare.Split(corpus, raw, trials)
+
+    sub = split.first_speakers(2)  # speakers a and b, by name
+    assert sub.corpus.utts == ("u0", "u1", "u3", "u5", "u6")
+    assert [int(f[0, 0]) for f in sub.raw_feats] == [0, 1, 3, 5, 6]
+    kept = [(e, t) for e, t, _ in pairs if e != "u2" and e != "u4" and t not in ("u2", "u4")]
+    assert list(zip(sub.trials.enroll, sub.trials.test)) == kept
+    assert sub.trials.labels.tolist() == [True, False, True, False]
+    assert split.first_speakers(0) is split and split.first_speakers(3) is split
+    only_c = data_lib.Trials(np.array(["u2"]), np.array(["u4"]), np.array([True]))
+    with pytest.raises(ValueError, match="no trial"):
+        prepare.Split(corpus, raw, only_c).first_speakers(1)

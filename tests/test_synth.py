@@ -139,6 +139,19 @@ def test_corpus_layout(corpus):
     assert not list(corpus.rglob("*.tmp*"))  # atomic writes leave no temporary files
 
 
+def test_target_trials_are_distinct_unordered_pairs_until_they_run_out():
+    utts = {s: [f"{s}-{u}" for u in range(4)] for s in ("a", "b", "c")}  # 3 x 6 target pairs
+    for n_targets in (18, 30):
+        lines = synth._sample_trials(utts, 2 * n_targets, np.random.default_rng(0))
+        pairs = [frozenset(x.split()[:2]) for x in lines if x.endswith(" target")]
+        assert len(pairs) == n_targets and len(set(pairs)) == 18
+        # cycled evenly: each unordered pair as often as the others (+-1)
+        counts = [pairs.count(p) for p in set(pairs)]
+        assert max(counts) - min(counts) <= 1
+        sides = [x.split()[0] for x in lines if x.endswith(" target")]
+        assert 0 < sum(s.endswith(("-0", "-1")) for s in sides) < n_targets  # both orders
+
+
 def test_rerun_is_a_no_op_and_other_arguments_raise(corpus):
     wav = next((corpus / "wav").rglob("*.wav"))
     stamps = [(corpus / "synth.json").stat().st_mtime_ns, wav.stat().st_mtime_ns]

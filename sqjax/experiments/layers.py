@@ -237,12 +237,15 @@ def analyze_layers(
     cal_trials: str = "",
     tolerance: float = 0.10,
     threshold: str = "eer",
+    speakers: int = 0,
 ) -> dict:
     """The layer-wise analysis of each width in ``jobs`` on the config's test trials (or
     ``data``/``trials``): every layer alone quantized, every layer alone kept float, every
     stage and kind of layer alone quantized, all scored in batched variant passes; then,
     where a job has higher widths to protect with, the mixed-precision suggestion (chosen
-    on the calibration trials when there are any).
+    on the calibration trials when there are any). ``speakers`` > 0: only the trials among
+    the first ``speakers`` speakers of each split (the variant passes embed every
+    utterance once per variant; the score-level analysis keeps the whole split).
 
     Writes ``layers.csv`` (one row per layer and width), ``layer_analysis.json`` and
     ``figures/layers_*_<b>bit.png`` to ``out``; returns ``{"widths": {"<b>bit": analysis},
@@ -253,7 +256,7 @@ def analyze_layers(
     if not 0 <= tolerance:
         raise ValueError(f"tolerance must be >= 0 (a relative EER increase), got {tolerance}")
     config = with_data(config, data, trials, cal_data, cal_trials)
-    split = prepare.test_data(config)
+    split = prepare.test_data(config).first_speakers(speakers)
     cal_split = None
     encoder = builders.build_encoder(config)
     macs = models.encoder_macs_by_layer(encoder, config.train.n_frames)
@@ -281,11 +284,17 @@ def analyze_layers(
         result["widths"][name] = a
         if job.protect:
             if cal_split is None:
-                cal_split = prepare.calibration_data(config) or split
+                cal = prepare.calibration_data(config)
+                cal_split = split if cal is None else cal.first_speakers(speakers)
             result["suggestions"][name] = suggest_mix(
                 config, job, bank, a, split, cal_split, tolerance
             )
-    result["trials"] = {"data": config.data.test, "trials": config.data.test_trials}
+    result["trials"] = {
+        "data": config.data.test,
+        "trials": config.data.test_trials,
+        "speakers": split.n_speakers,
+        "n_trials": len(split.trials),
+    }
 
     out = fileio.local_dir(out, "out")
     if jax.process_index() == 0:

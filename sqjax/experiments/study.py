@@ -100,7 +100,13 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         if want and not (path.exists() and list(json.loads(path.read_text())["widths"]) == want):
             stage(f"layer-wise analysis ({kind})")
             cfg, jobs = jobs_fn()
-            layers.analyze_layers(cfg, jobs, path.parent, tolerance=st.layer_tolerance)
+            layers.analyze_layers(
+                cfg,
+                jobs,
+                path.parent,
+                tolerance=st.layer_tolerance,
+                speakers=st.get("layer_speakers", 0),
+            )
 
     stages = tuple(st.cascade_stages)
     names_c = cascade.stage_names(stages)
