@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from sqjax import models
 
@@ -40,8 +41,10 @@ def extract_embeddings(
     min_frames: int = 100,
     max_frames: int = 3000,
     sharding: jax.sharding.NamedSharding | None = None,
+    desc: str | None = None,
 ) -> np.ndarray:
     """Embeds each utterance of ``feats`` (each ``(frames, n_mels)``); returns ``(n, dim)``.
+    ``desc``: a progress bar with that label (none by default).
 
     With a batch ``sharding`` (e.g. ``NamedSharding(mesh, P("data"))``) each batch is
     split over the mesh's devices and processes: every process builds only its rows,
@@ -75,6 +78,8 @@ def extract_embeddings(
         run = functools.partial(_run_sharded, embed, _replicated(variables, sharding), sharding)
     sums: np.ndarray | None = None
     counts = np.zeros(len(feats))
+    total = sum(len(items) for items in segments.values())
+    bar = tqdm(total=total, unit="seg", desc=desc, disable=desc is None, leave=False)
     for rung, items in sorted(segments.items()):
         for lo in range(0, len(items), batch_size):
             chunk = items[lo : lo + batch_size]
@@ -85,6 +90,8 @@ def extract_embeddings(
             idx = np.array([i for i, _ in chunk])
             np.add.at(sums, idx, emb * rung)  # chunks of one utterance weigh by length
             np.add.at(counts, idx, rung)
+            bar.update(len(chunk))
+    bar.close()
     return (sums / counts[:, None]).astype(np.float32)
 
 
@@ -292,6 +299,7 @@ def extract_embeddings_all(
     batch_size: int = 32,
     min_frames: int = 100,
     max_frames: int = 3000,
+    desc: str | None = None,
 ) -> np.ndarray:
     """``extract_embeddings`` under every precision at once; returns ``(P, n, dim)``.
 
@@ -313,5 +321,6 @@ def extract_embeddings_all(
         batch_size=batch_size,
         min_frames=min_frames,
         max_frames=max_frames,
+        desc=desc,
     )
     return flat.reshape(len(feats), n_p, -1).transpose(1, 0, 2)

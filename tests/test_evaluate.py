@@ -17,7 +17,7 @@ def test_length_buckets_lose_at_most_ten_percent():
         assert n / 1.1 - 1 <= cut <= n
 
 
-def test_extract_embeddings_matches_per_utterance_reference():
+def test_extract_embeddings_matches_per_utterance_reference(capsys):
     # A "model" whose embedding is the mean over time: the reference is computable by hand.
     calls = []
 
@@ -42,6 +42,11 @@ def test_extract_embeddings_matches_per_utterance_reference():
     ref = np.average([c.mean(0) for c in chunks], axis=0, weights=weights)
     np.testing.assert_allclose(emb[4], ref, rtol=1e-5)
     assert all(shape[0] == 2 for shape in calls)  # fixed batch: one compile per rung
+    # With a progress bar: the same embeddings, the bar counting every segment.
+    with_bar = extract_embeddings(embed, None, feats, batch_size=2, desc="embed")
+    np.testing.assert_array_equal(with_bar, emb)
+    err = capsys.readouterr().err
+    assert "embed" in err and "/7 " in err  # 4 short utterances and 3 chunks of the long one
 
 
 def test_cosine_scores_against_numpy():

@@ -60,6 +60,7 @@ def all_precision_scores(config, variables: dict, split: prepare.Split) -> np.nd
         split.feats,
         batch_size=config.eval.batch_size,
         max_frames=config.eval.max_frames,
+        desc=f"embed x{len(variables)}" if config.progress else None,
     )
     enroll, test = evaluate.trial_indices(split.corpus.utts, split.trials.enroll, split.trials.test)
     return np.stack([evaluate.cosine_scores(e, enroll, test) for e in emb]).astype(np.float32)
