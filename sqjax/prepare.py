@@ -82,8 +82,7 @@ class Split:
         corpus = self.corpus.subset(self.corpus.utts[i] for i in keep)
         trials = self.trials
         if trials is not None:
-            kept = set(corpus.utts)
-            m = np.array([e in kept and t in kept for e, t in zip(trials.enroll, trials.test)])
+            m = np.isin(trials.enroll, corpus.utts) & np.isin(trials.test, corpus.utts)
             if not m.any():
                 raise ValueError(f"no trial lies among the first {n} speakers of the split")
             trials = data_lib.Trials(trials.enroll[m], trials.test[m], trials.labels[m])
