@@ -355,18 +355,41 @@ def test_layers_errors(trained, capsys):
     assert "no <b>bit run directories" in capsys.readouterr().err
 
 
-def test_cascade_of_a_run(trained, capsys):
+def test_cascade_of_a_run(trained, tmp_path, capsys):
     workdir, _, _ = trained
     cli.main(["cascade", "--workdir", str(workdir), "--stages", "2,32", "--tolerance", "0.5"])
     out = capsys.readouterr().out
     assert "2bit alone" in out and "fp32 alone" in out and "storage of all stage models" in out
     result = json.loads((workdir / "cascade" / "cascade.json").read_text())
     assert result["stages"] == ["2bit", "fp32"]
-    if result["chosen"] is not None:
-        assert result["deployment"]["same_decisions"]
+    assert result["chosen"] is not None, "a 50% tolerance keeps some tau"
+    assert result["deployment"]["same_decisions"]
     with pytest.raises(SystemExit):
         cli.main(["cascade", "--workdir", str(workdir), "--stages", "4,2"])
     assert "--stages" in capsys.readouterr().err
+
+    # `sqjax export --cascade`: the bundle of those stages, its manifest from cascade.json.
+    pytest.importorskip("onnxruntime")
+    from sqjax.deploy import runtime
+
+    bundle = tmp_path / "bundle"
+    argv = ["export", "--cascade", "--workdir", str(workdir), "--stages", "2,32"]
+    cli.main([*argv, "--out", str(bundle)])
+    out = capsys.readouterr().out
+    assert f"wrote cascade bundle {bundle}" in out
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert [s["name"] for s in m["stages"]] == ["2bit", "fp32"]
+    assert m["eta"] == result["eta"]["value"]
+    assert [s["tau"] for s in m["stages"]] == [result["chosen"]["taus"][0], None]
+    for p, s in enumerate(m["stages"]):
+        assert (s["a"], s["b"]) == (result["calibration"]["a"][p], result["calibration"]["b"][p])
+        assert (bundle / s["file"]).stat().st_size == s["bytes"]
+        assert f"{s['file']:<22} {s['bytes']:>10,} B" in out
+    assert m["stages"][0]["bytes"] < m["stages"][1]["bytes"] / 4  # 2-bit indices packed
+    assert runtime.Verifier(bundle).stages == ["2bit", "fp32"]
+    with pytest.raises(SystemExit):
+        cli.main([*argv[:-1], "2,4,32", "--out", str(tmp_path / "b2")])
+    assert "rerun `sqjax cascade` with --stages 2,4,32" in capsys.readouterr().err
 
 
 def test_grids_compares_kmeans_and_uniform_by_hand(trained, tmp_path, capsys):

@@ -245,14 +245,21 @@ def test_frontend_graph_computes_sqjax_features(tmp_path, kind):
     np.testing.assert_allclose(feats, want, rtol=0, atol=1e-3)
     plain = runtime.Encoder(onnx_export.export_model_file(npz, tmp_path / "f.onnx"))
     assert _rel_err(emb, plain.run(want)) < 1e-4
-    # A wave of exactly 100 frames is embedded whole by both paths: the same embedding.
-    n = (512 if kind == "logmel" else 400) + 99 * 160
-    short = waves[:, 16000 : 16000 + n]
-    one = np.stack([extract(w, n_mels=80) for w in short])
-    assert one.shape[1] == 100
-    assert _rel_err(encoder.embed_waves(list(short)), plain.embed(list(one))) < 1e-4
+    # embed_waves cuts as sqjax's evaluation cuts features: lengths off the ladder (cut
+    # to a rung), under 100 frames (repeated), over max_frames (chunks, a short tail
+    # dropped), against the features-input graph's embed of sqjax's features.
+    frame = 512 if kind == "logmel" else 400
+    encoder.max_frames = plain.max_frames = 130  # rungs 100, 110, 121, 130
+    lengths = [60, 100, 125, 125, 297]  # frames; 297 = 130 + 130 + a 37-frame tail
+    cuts = [waves[i % len(waves), : frame + (n - 1) * hop + 37] for i, (n, hop) in
+            enumerate((n, 160) for n in lengths)]  # fmt: skip
+    want = plain.embed([extract(w, n_mels=80) for w in cuts])
+    assert [extract(w, n_mels=80).shape[0] for w in cuts] == lengths
+    assert _rel_err(encoder.embed_waves(cuts), want) < 1e-4
+    whole = plain.run(extract(cuts[2], n_mels=80)[None])  # all 125 frames: not sqjax's cut
+    assert _rel_err(whole, want[2:3]) > 1e-3
     with pytest.raises(ValueError, match="takes features; export --with-frontend"):
-        plain.embed_waves(list(short))
+        plain.embed_waves(cuts)
 
 
 def test_command_line_export_embed_eval(tiny, tiny_config, tmp_path, capsys):

@@ -59,8 +59,10 @@ __all__ = [
     "leaves_from_variables",
 ]
 
-OPSET = 18
+OPSET = 19  # Pad's wrap mode (the front end's short-utterance tiling)
 PACKINGS = ("bits", "uint8")
+# The front end's optional inputs (sqjax.deploy.runtime names them too: it imports no sqjax).
+WRAP_INPUT, SPAN_INPUT = "wrap_frames", "frame_span"
 _METADATA_KEY = "sqjax"
 
 
@@ -331,7 +333,21 @@ def _frontend(g: _Graph, spec: Mapping) -> str:
     if spec.get("mean_norm", True):
         axis = g.const("time", np.array([1], np.int64))
         feats = g.op("Sub", feats, g.op("ReduceMean", feats, axis, keepdims=1))
+    # sqjax.evaluate.extract_embeddings' cut of the normalised features, by two optional
+    # inputs (initializers a caller may override; by default the features pass whole):
+    # ``wrap_frames`` frames appended by repetition (an utterance under 100 frames), then
+    # the frames ``[frame_span[0], frame_span[1])`` kept (a chunk cut to a length rung).
+    zeros = g.const("zeros", np.zeros(4, np.int64))
+    pads = g.op("Concat", zeros, WRAP_INPUT, g.const("zero", np.zeros(1, np.int64)), axis=0)
+    feats = g.op("Pad", feats, pads, mode="wrap")
+    first = g.op("Slice", SPAN_INPUT, g.const("i0", [0]), g.const("i1", [1]))
+    end = g.op("Slice", SPAN_INPUT, g.const("i1", [1]), g.const("i2", [2]))
+    feats = g.op("Slice", feats, first, end, g.const("time", np.array([1], np.int64)))
     g.nodes.append(helper.make_node("Identity", [feats], ["feats"]))  # a graph output
+    g.inits += [
+        numpy_helper.from_array(np.zeros(1, np.int64), WRAP_INPUT),
+        numpy_helper.from_array(np.array([0, np.iinfo(np.int64).max], np.int64), SPAN_INPUT),
+    ]
     return "feats"
 
 
@@ -344,7 +360,9 @@ def encoder_onnx(
     Input ``feats`` ``(batch, frames, n_mels)`` float32 (mean-normalised features);
     output ``embedding`` ``(batch, embed_dim)``. With ``frontend``: input ``wave``
     ``(batch, samples)`` float32 at the features' sample rate, outputs ``embedding`` and
-    ``feats`` (the features sqjax computes of each row).
+    ``feats`` (the features sqjax computes of each row); two optional int64 inputs cut the
+    features as sqjax's evaluation does: ``wrap_frames`` ``(1,)`` frames appended by
+    repetition, then ``frame_span`` ``(2,)``, the frames kept (default: all).
     """
     model = _resolved_model(metadata["model"])
     missing = [k for k in (("params", "stem_conv", "kernel"), ("params", "embedding", "kernel"))
@@ -397,7 +415,11 @@ def encoder_onnx(
     feats_info = info(feats, TensorProto.FLOAT, ["batch", "frames", model["n_mels"]])
     outputs = [info("embedding", TensorProto.FLOAT, ["batch", model["embed_dim"]])]
     if frontend:
-        inputs = [info("wave", TensorProto.FLOAT, ["batch", "samples"])]
+        inputs = [
+            info("wave", TensorProto.FLOAT, ["batch", "samples"]),
+            info(WRAP_INPUT, TensorProto.INT64, [1]),
+            info(SPAN_INPUT, TensorProto.INT64, [2]),
+        ]
         outputs.append(feats_info)
     else:
         inputs = [feats_info]

@@ -36,6 +36,7 @@ __all__ = [
 
 BUNDLE_FORMAT, BUNDLE_VERSION = "sqjax-cascade-bundle", 1
 MIN_FRAMES = 100  # sqjax.evaluate.extract_embeddings' default
+WRAP_INPUT, SPAN_INPUT = "wrap_frames", "frame_span"  # a front end's optional inputs
 
 
 def length_buckets(min_frames: int, max_frames: int, ratio: float = 1.1) -> np.ndarray:
@@ -54,6 +55,9 @@ def session_options(keep_packed: bool = False, threads: int = 0) -> ort.SessionO
     (0: onnxruntime's default, one per core).
     """
     so = ort.SessionOptions()
+    # Errors only: a front end's optional inputs (initializers a caller may override)
+    # draw a load-time warning about constant folding, which they do not need.
+    so.log_severity_level = 3
     if keep_packed:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
@@ -132,31 +136,54 @@ class Encoder:
 
     def embed_waves(self, waves: Sequence[np.ndarray]) -> np.ndarray:
         """Embeddings ``(n, dim)`` of mono waves at the features' rate, with the graph's
-        front end: each wave whole (features mean-normalised over it), tiled to at least
-        100 frames, split into chunks of ``max_frames`` averaged by length. (``embed`` of
-        features cuts each utterance to a rung of the length ladder instead, so the two
-        differ by the frames that cut drops.)"""
+        front end, equal to ``embed`` of sqjax's features of the same waves: the features
+        are mean-normalised over the whole wave, then repeated to 100 frames, split into
+        chunks of ``max_frames`` and cut to length rungs by the graph's optional inputs
+        (``wrap_frames``, ``frame_span``). Waves of equal length share batches."""
         if not self.takes_wave:
             raise ValueError(f"{self.path}: takes features; export --with-frontend for waves")
         spec = self.metadata["features"]
         sr, kind = int(spec["sample_rate"]), spec.get("kind", "logmel")
         win, hop = round(sr * spec["win_ms"] / 1000), round(sr * spec["hop_ms"] / 1000)
         frame = win if kind == "kaldi" else 1 << (win - 1).bit_length()
-        shortest, longest = frame + (MIN_FRAMES - 1) * hop, frame + (self.max_frames - 1) * hop
-        segments: dict[int, list] = {}
+        rungs = length_buckets(MIN_FRAMES, self.max_frames)
+        groups: dict[tuple, list] = {}  # (samples, wrap, first, end) -> [(utterance, wave)]
         for i, w in enumerate(waves):
             w = np.asarray(w, np.float32)
-            if w.ndim != 1:
-                raise ValueError(f"embed_waves: utterance {i} is not a 1-D wave: {w.shape}")
-            if len(w) < shortest:
-                w = np.resize(w, shortest)  # repeated, as features are below 100 frames
-            for start in range(0, len(w), self.max_frames * hop):
-                seg = w[start : start + longest]
-                if start and len(seg) < shortest:
+            if w.ndim != 1 or len(w) < frame:
+                raise ValueError(
+                    f"embed_waves: utterance {i} is not a 1-D wave of at least {frame} samples: {w.shape}"
+                )
+            n = 1 + (len(w) - frame) // hop  # frames of the whole wave
+            w = w[: frame + (n - 1) * hop]  # whole frames only
+            wrap = max(MIN_FRAMES - n, 0)
+            for start in range(0, n + wrap, self.max_frames):
+                length = min(self.max_frames, n + wrap - start)
+                if start and length < MIN_FRAMES:
                     break
-                n = len(seg) - (len(seg) - frame) % hop  # whole frames only
-                segments.setdefault(n, []).append((i, seg[:n]))
-        return self._embed_segments(segments, len(waves))
+                rung = int(rungs[np.searchsorted(rungs, length, side="right") - 1])
+                groups.setdefault((len(w), wrap, start, start + rung), []).append((i, w))
+        return self._embed_groups(groups, len(waves))
+
+    def _embed_groups(self, groups: dict[tuple, list], n_utts: int) -> np.ndarray:
+        """Length-weighted mean embedding per utterance of equal-length waves, each group
+        ``(samples, wrap, first, end)`` cut by the graph to frames ``[first, end)``."""
+        sums, counts = None, np.zeros(n_utts)
+        for (_, wrap, first, end), items in sorted(groups.items()):
+            cut = {
+                WRAP_INPUT: np.array([wrap], np.int64),
+                SPAN_INPUT: np.array([first, end], np.int64),
+            }
+            for lo in range(0, len(items), self.batch_size):
+                chunk = items[lo : lo + self.batch_size]
+                x = np.stack([w for _, w in chunk])
+                emb = self.session.run(["embedding"], {"wave": x, **cut})[0]
+                if sums is None:
+                    sums = np.zeros((n_utts, emb.shape[-1]), np.float64)
+                idx = np.array([i for i, _ in chunk])
+                np.add.at(sums, idx, emb * (end - first))
+                np.add.at(counts, idx, end - first)
+        return self._mean(sums, counts)
 
     def _embed_segments(self, segments: dict[int, list], n_utts: int) -> np.ndarray:
         """Length-weighted mean embedding per utterance of ``{length: [(utt, segment)]}``."""
@@ -170,6 +197,9 @@ class Encoder:
                 idx = np.array([i for i, _ in chunk])
                 np.add.at(sums, idx, emb * length)
                 np.add.at(counts, idx, length)
+        return self._mean(sums, counts)
+
+    def _mean(self, sums: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
         if sums is None:
             return np.zeros((0, int(self.metadata["model"].get("embed_dim") or 0)), np.float32)
         return (sums / counts[:, None]).astype(np.float32)
