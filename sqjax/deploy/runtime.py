@@ -16,6 +16,7 @@ frames: repeated to 100), longer than ``max_frames`` split into chunks averaged 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -116,7 +117,8 @@ class Encoder:
         an encoder with its front end, waves ``(samples,)`` (``embed_waves``)."""
         if self.takes_wave:
             return self.embed_waves(utts)
-        return self._embed_segments(self._feature_segments(utts), len(utts))
+        segments = sorted(self._feature_segments(utts).items())
+        return self._embed_groups([(n, self.run, items) for n, items in segments], len(utts))
 
     def _feature_segments(self, feats: Sequence[np.ndarray]) -> dict[int, list]:
         rungs = length_buckets(MIN_FRAMES, self.max_frames)
@@ -163,43 +165,33 @@ class Encoder:
                     break
                 rung = int(rungs[np.searchsorted(rungs, length, side="right") - 1])
                 groups.setdefault((len(w), wrap, start, start + rung), []).append((i, w))
-        return self._embed_groups(groups, len(waves))
+        return self._embed_groups(
+            [(end - first, functools.partial(self._run_cut, wrap, first, end), items)
+             for (_, wrap, first, end), items in sorted(groups.items())],
+            len(waves),
+        )  # fmt: skip
 
-    def _embed_groups(self, groups: dict[tuple, list], n_utts: int) -> np.ndarray:
-        """Length-weighted mean embedding per utterance of equal-length waves, each group
-        ``(samples, wrap, first, end)`` cut by the graph to frames ``[first, end)``."""
+    def _run_cut(self, wrap: int, first: int, end: int, x: np.ndarray) -> np.ndarray:
+        """Embeddings of equal-length waves ``x``, their features cut to ``[first, end)``
+        after ``wrap`` frames appended by repetition."""
+        cut = {WRAP_INPUT: np.array([wrap], np.int64), SPAN_INPUT: np.array([first, end], np.int64)}
+        return self.session.run(
+            ["embedding"], {"wave": np.ascontiguousarray(x, np.float32), **cut}
+        )[0]
+
+    def _embed_groups(self, groups, n_utts: int) -> np.ndarray:
+        """Length-weighted mean embedding per utterance of ``[(weight, run, [(utt, x)])]``:
+        each group's inputs ``x`` share a shape and go through ``run`` in batches."""
         sums, counts = None, np.zeros(n_utts)
-        for (_, wrap, first, end), items in sorted(groups.items()):
-            cut = {
-                WRAP_INPUT: np.array([wrap], np.int64),
-                SPAN_INPUT: np.array([first, end], np.int64),
-            }
+        for weight, run, items in groups:
             for lo in range(0, len(items), self.batch_size):
                 chunk = items[lo : lo + self.batch_size]
-                x = np.stack([w for _, w in chunk])
-                emb = self.session.run(["embedding"], {"wave": x, **cut})[0]
+                emb = run(np.stack([x for _, x in chunk]))
                 if sums is None:
                     sums = np.zeros((n_utts, emb.shape[-1]), np.float64)
                 idx = np.array([i for i, _ in chunk])
-                np.add.at(sums, idx, emb * (end - first))
-                np.add.at(counts, idx, end - first)
-        return self._mean(sums, counts)
-
-    def _embed_segments(self, segments: dict[int, list], n_utts: int) -> np.ndarray:
-        """Length-weighted mean embedding per utterance of ``{length: [(utt, segment)]}``."""
-        sums, counts = None, np.zeros(n_utts)
-        for length, items in sorted(segments.items()):
-            for lo in range(0, len(items), self.batch_size):
-                chunk = items[lo : lo + self.batch_size]
-                emb = self.run(np.stack([s for _, s in chunk]))
-                if sums is None:
-                    sums = np.zeros((n_utts, emb.shape[-1]), np.float64)
-                idx = np.array([i for i, _ in chunk])
-                np.add.at(sums, idx, emb * length)
-                np.add.at(counts, idx, length)
-        return self._mean(sums, counts)
-
-    def _mean(self, sums: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
+                np.add.at(sums, idx, emb * weight)
+                np.add.at(counts, idx, weight)
         if sums is None:
             return np.zeros((0, int(self.metadata["model"].get("embed_dim") or 0)), np.float32)
         return (sums / counts[:, None]).astype(np.float32)
