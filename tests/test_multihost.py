@@ -12,6 +12,7 @@ import textwrap
 
 import chex
 import numpy as np
+import pytest
 
 from sqjax import prepare, runs
 
@@ -69,26 +70,45 @@ def _params(workdir):
     return state.params, state.batch_stats
 
 
-def test_two_processes_train_resume_and_evaluate_like_one(tiny_config, tmp_path):
-    # Streamed input with augmentation: Grain crops, features and noise in the step.
+@pytest.fixture(scope="module")
+def one_process(tiny_config, tmp_path_factory):
+    """The reference: one process, two devices, on streamed input with augmentation
+    (Grain crops, features and noise in the step); 4 steps, checkpoints at 2 and 4."""
     c = tiny_config.copy_and_resolve_references()
     c.train.num_steps, c.train.checkpoint_every, c.eval.baseline = 4, 2, False
     c.data.input, c.data.workers = "stream", 0
     c.data.augment.p_noise = c.data.augment.p_reverb = 0.5
     prepare.training_data(c), prepare.test_data(c)  # corpus and feature cache, made once
-    one = runs.train_and_evaluate(c, tmp_path / "one")  # one process, two devices
+    workdir = tmp_path_factory.mktemp("multihost") / "one"
+    return c, workdir, runs.train_and_evaluate(c, workdir)
 
-    two = _two_processes(c, tmp_path / "two")
-    assert two[0] == two[1]  # every process gets the gathered scores
-    shutil.rmtree(tmp_path / "two" / "checkpoints" / "4")  # killed after step 2's checkpoint
-    resumed = _two_processes(c, tmp_path / "two")
-    assert resumed[0] == two[0]
+
+def _like_one(one_dir, two_dir, one, two):
+    """Two processes' run equals the one-process run: every process got the gathered
+    scores, parameters and scores agree to float reduction order, metrics written once."""
+    assert two[0] == two[1]
     # Same global batch on 1 x 2 and 2 x 1 devices: only float reduction order differs.
-    chex.assert_trees_all_close(
-        _params(tmp_path / "one"), _params(tmp_path / "two"), rtol=2e-4, atol=2e-5
-    )
+    chex.assert_trees_all_close(_params(one_dir), _params(two_dir), rtol=2e-4, atol=2e-5)
     assert abs(two[0]["eer"] - one["eer"]) <= 1 / 30  # at most one trial of 60 flips
-    scores = [np.load(tmp_path / d / "scores_test.npz")["scores"] for d in ("one", "two")]
+    scores = [np.load(d / "scores_test.npz")["scores"] for d in (one_dir, two_dir)]
     np.testing.assert_allclose(scores[0], scores[1], atol=1e-4)
-    rows = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    rows = (two_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [2, 4]  # written once, by process 0
+
+
+def test_two_processes_train_and_evaluate_like_one(one_process, tmp_path):
+    c, one_dir, one = one_process
+    two = _two_processes(c, tmp_path / "two")
+    _like_one(one_dir, tmp_path / "two", one, two)
+
+
+def test_two_processes_resume_a_one_process_run(one_process, tmp_path):
+    # Killed after step 2's checkpoint, then resumed on two processes: the checkpoint is
+    # read onto the other topology and training goes on as if never stopped.
+    c, one_dir, one = one_process
+    shutil.copytree(one_dir, tmp_path / "two")
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "4")
+    for name in ("scores_test.npz", "metrics_test.json"):
+        (tmp_path / "two" / name).unlink(missing_ok=True)
+    resumed = _two_processes(c, tmp_path / "two")
+    _like_one(one_dir, tmp_path / "two", one, resumed)
