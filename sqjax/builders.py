@@ -85,8 +85,8 @@ def create_train_state(
     """Fresh parameters for ``encoder`` and ``head`` and the optimizer state.
 
     One compiled program: run op by op, a ResNet's initialisation compiles some two
-    hundred small programs (12 s cold on a 2-core CPU, tiny or demo preset; 0.6 s
-    jitted), and every process of a multi-host run but the first compiles them again,
+    hundred small programs (11-12 s cold on a 2-core CPU, tiny or demo preset; 5-6 s
+    as one), and every process of a multi-host run but the first compiles them again,
     since only process 0 writes JAX's persistent cache.
     """
     return _init_state(rng, encoder, head, tx, n_frames)
