@@ -130,7 +130,7 @@ def load_bank(
     Returns:
       (files, samples) float32.
     """
-    folder = fileio.local(folder)
+    folder = os.fspath(folder)
     if max_files is not None and max_files < 1:
         raise ValueError(f"max_files must be >= 1 or None, got {max_files}")
     if fill not in ("tile", "zeros"):

@@ -775,7 +775,15 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         build_parser().error(f"unrecognised arguments: {' '.join(bad)}")
     _set_cpu_devices(args.cpu_devices)
+    from sqjax import fileio
+
+    for name, value in vars(args).items():  # paths are made local once, here (file:// URLs)
+        if isinstance(value, str):
+            setattr(args, name, fileio.local(value))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from sqjax.cpu import native
+
+    native.stable_cache_keys()  # the persistent cache serves programs holding our kernels
     for noisy in ("absl", "jax", "orbax"):  # orbax logs every checkpoint's options at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from sqjax import workdir as workdir_lib

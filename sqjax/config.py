@@ -233,6 +233,7 @@ def check_config(config: ml_collections.ConfigDict, source: str | Path = "config
         raise ConfigError(
             f"config.study.cascade_stages={stages}: give 2+ increasing widths like (2, 4, 8, 32)"
         )
+    normalise_paths(config)
     s = config.data.synth_args
     if config.data.synth and (s.n_train_speakers < 2 or s.utts_per_speaker < 1):
         raise ConfigError(
@@ -240,6 +241,39 @@ def check_config(config: ml_collections.ConfigDict, source: str | Path = "config
             f"utts_per_speaker={s.utts_per_speaker}: training needs 2+ speakers with 1+ "
             "utterance each"
         )
+    return config
+
+
+# The settings that hold a path. Where a config enters (load_config, check_config from
+# runs.train_and_evaluate, workdir.load_run_config), file:// URLs in them become local
+# paths, so that the code below sees a local path or an object store's URL, nothing else.
+PATH_KEYS = (
+    "data.synth_dir",
+    "data.train",
+    "data.test",
+    "data.test_trials",
+    "data.cal",
+    "data.cal_trials",
+    "data.feature_cache",
+    "data.augment.noise_dir",
+    "data.augment.rir_dir",
+    "quant.init_from",
+)
+
+
+def normalise_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` (in place; also returned) with each ``PATH_KEYS`` setting's ``file://``
+    prefix removed (``fileio.local``); settings a config lacks (an older run's) are skipped."""
+    from sqjax import fileio
+
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if node is not None else None
+        value = node.get(leaf) if node is not None else None
+        if isinstance(value, str):
+            node[leaf] = fileio.local(value)
     return config
 
 

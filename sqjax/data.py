@@ -101,7 +101,6 @@ def read_kaldi_dir(path: str | os.PathLike) -> Corpus:
     directory, as Kaldi would), so a data dir can be moved with its audio. Piped commands
     and archive offsets are not supported. ``path`` may be a URL (``gs://``, ``file://``).
     """
-    path = fileio.local(path)
     wav_scp, utt2spk = fileio.join(path, "wav.scp"), fileio.join(path, "utt2spk")
     if not fileio.as_path(wav_scp).is_file():
         raise DataError(
@@ -149,14 +148,15 @@ def read_voxceleb_dir(root: str | os.PathLike) -> Corpus:
     """Reads a VoxCeleb tree ``root/<speaker>/<video>/<utt>.wav`` (or ``.flac``).
 
     Utterance id = the path relative to root with ``/`` separators; speaker = its first
-    component. ``root`` may be a URL (``gs://``, ``file://``).
+    component. ``root``: a local path or an object store's URL (``gs://``; ``read_corpus``
+    also takes ``file://`` URLs).
     """
     if fileio.is_remote(root):
-        root = fileio.local(root).rstrip("/")
+        root = os.fspath(root).rstrip("/")
         files = [str(f) for f in fileio.as_path(root).glob("*/*/*")]
         is_file = lambda f: True  # an object store lists objects only
     else:
-        root = os.path.abspath(fileio.local(root))
+        root = os.path.abspath(root)
         files = glob.glob(os.path.join(glob.escape(root), "*", "*", "*"))
         is_file = os.path.isfile
     entries = {}

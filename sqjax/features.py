@@ -183,9 +183,9 @@ def _cache_file(cache_dir: str, utt: str, path: str, params: dict) -> str:
     """
     try:
         if fileio.is_remote(path):  # an object's URL, size and version (fileio.version)
-            real, size, mtime = fileio.local(path), 0, fileio.version(path)
+            real, size, mtime = os.fspath(path), 0, fileio.version(path)
         else:
-            real = os.path.realpath(fileio.local(path))
+            real = os.path.realpath(path)
             st = os.stat(real)
             size, mtime = st.st_size, st.st_mtime_ns
     except FileNotFoundError as err:

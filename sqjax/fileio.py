@@ -3,6 +3,12 @@
 
 Local paths keep plain ``os`` calls (and ``atomic_write``'s rename); remote ones go
 through ``epath`` (install its backend too: ``pip install gcsfs`` or ``s3fs``).
+
+A ``file://`` URL is made a local path once, where it enters: the command line's
+arguments (``cli.main``), a config's path settings (``config.normalise_paths``: in
+``load_config``, ``runs.train_and_evaluate`` and a run's saved config), a run directory
+given to ``runs`` or ``train.train``, and the public readers (``data.read_corpus``,
+``read_trials``, ``load_audio``). Below them a path is a local one or an object store's URL.
 """
 
 from __future__ import annotations

@@ -123,8 +123,7 @@ def data_cache_dir(
             f"config.data.feature_cache={os.fspath(cache_dir)!r}: the feature cache must be a "
             f"local folder (features are memory-mapped); data dirs may be remote"
         )
-    cache_dir = fileio.local(cache_dir)
-    data_dir = fileio.local(data_dir)
+    data_dir = os.fspath(data_dir)
     real = data_dir.rstrip("/") if fileio.is_remote(data_dir) else os.path.realpath(data_dir)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", real.rsplit("/", 1)[-1])[-40:] or "root"
     digest = hashlib.sha1(real.encode("utf-8")).hexdigest()[:12]

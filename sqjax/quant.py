@@ -424,7 +424,8 @@ def kmeans_quantizer(
       - ``apply(params, state) -> params``: quantized leaves replaced by their nearest
         centroid (forward; codebooks are sorted first, so learned ones may cross);
         straight-through backward: the cotangent of a quantized leaf is passed unchanged
-        to the float leaf.
+        to the float leaf. Jitted: called eagerly it runs as one program (op by op, a
+        per-channel lookup into 256-entry codebooks is hundreds of dispatches).
       - ``update(params, state) -> state``: codebooks refreshed from the current float
         weights by ``refresh_iters`` warm-started Lloyd steps; jit-able. A centroid that
         owns no weight is first moved into the data (``sqjax.kmeans``: to the weight
@@ -478,7 +479,8 @@ def kmeans_quantizer(
 
         return jax.tree.map(q, state.codebooks, params, is_leaf=_is_none)
 
-    return Quantizer(init_fn, apply_fn, update_fn, rules, functools.partial(plan, rules=rules))
+    rules_plan = functools.partial(plan, rules=rules)
+    return Quantizer(init_fn, jax.jit(apply_fn), update_fn, rules, rules_plan)
 
 
 # -------------------------------------------------------------------------- conveniences

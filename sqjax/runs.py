@@ -39,6 +39,7 @@ def restore_run(
     """
     from sqjax import config as config_lib
 
+    workdir = fileio.local(workdir)
     config = workdir_lib.load_run_config(workdir)
     config_lib.apply_overrides(config, list(overrides), source=Path(workdir) / "config.json")
     template, quantizer = builders.state_template(config)
@@ -78,12 +79,17 @@ def _inherit_model(config: ml_collections.ConfigDict, init_from: str) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains (or resumes) the run in ``workdir``, then scores its test trials.
 
-    Returns the test metrics (also written to ``workdir/metrics_test.json``).
+    Returns the test metrics (also written to ``workdir/metrics_test.json``). ``workdir``
+    and the config's paths may be ``file://`` URLs (made local paths here).
     """
+    from sqjax import config as config_lib
+
+    config = ml_collections.ConfigDict(config.to_dict())  # the caller's config stays as it was
+    config_lib.normalise_paths(config)
+    workdir = fileio.local(workdir)
     paths = prepare.resolve_paths(config)
     if not (paths.test and paths.test_trials):
         raise ValueError("set config.data.test and config.data.test_trials (scored after training)")
-    config = ml_collections.ConfigDict(config.to_dict())  # the caller's config stays as it was
     if config.quant.init_from:
         _inherit_model(config, config.quant.init_from)
     data = prepare.training_input(config)

@@ -224,7 +224,7 @@ def uniform_quantizer(
       - ``init(params)``: fits scales and zero points (eager; raises on NaN/inf weights).
       - ``apply(params, state)``: each quantized weight replaced by its nearest level
         (ties to the larger, as K-means); straight-through backward, the same as
-        ``kmeans_quantizer``'s.
+        ``kmeans_quantizer``'s. Jitted, as ``kmeans_quantizer``'s.
       - ``update(params, state)``: scales and zero points refitted to the current
         weights; with ``learn_scale`` the learned scales are kept and only the zero points
         (asymmetric: from the current min/max) and levels recomputed. jit-able.
@@ -273,5 +273,5 @@ def uniform_quantizer(
         return jax.tree.map(q, state.codebooks, state.scales, state.zeros, params, is_leaf=_is_none)
 
     return quant.Quantizer(
-        init_fn, apply_fn, update_fn, rules, functools.partial(quant.plan, rules=rules)
+        init_fn, jax.jit(apply_fn), update_fn, rules, functools.partial(quant.plan, rules=rules)
     )

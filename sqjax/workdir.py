@@ -1,6 +1,8 @@
 """A run directory: ``config.json``, orbax checkpoints, the resume policy, the writer's
 lock, and the package's one atomic-write helper. A run directory may be local or remote
-(``gs://``, ``s3://``; ``file://`` URLs are local), see ``sqjax.fileio``.
+(``gs://``, ``s3://``), see ``sqjax.fileio``. Paths here are local paths or object-store
+URLs: a ``file://`` URL is made a local path where it enters (the CLI's arguments,
+``runs``, ``train.train``, ``config.normalise_paths``).
 
 One writer at a time: commands that write a run directory hold its ``lock`` (a
 ``.sqjax.lock`` file there); readers take none, and see only whole files (``atomic_write``,
@@ -71,7 +73,6 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes
         fileio.as_path(path).parent.mkdir(parents=True, exist_ok=True)
         fileio.as_path(path).write_bytes(buf.getvalue())
         return
-    path = fileio.local(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sqjax-", suffix=".tmp")
@@ -104,21 +105,20 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         p = fileio.as_path(path)
         atomic_write(path, (p.read_text() if p.exists() else "") + line + "\n")
         return
-    with open(fileio.local(path), "a", encoding="utf-8") as f:
+    with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
 
 
 def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The config a run in ``workdir`` was started with; settings added to sqjax after it
     started are there at their defaults (how the run ran)."""
-    from sqjax.config import default_config
+    from sqjax.config import default_config, normalise_paths
 
     path = fileio.as_path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a sqjax run directory?")
-    return ml_collections.ConfigDict(
-        _merged(default_config().to_dict(), json.loads(path.read_text()))
-    )
+    saved = _merged(default_config().to_dict(), json.loads(path.read_text()))
+    return normalise_paths(ml_collections.ConfigDict(saved))
 
 
 def _merged(default: dict, saved: dict) -> dict:
@@ -148,7 +148,7 @@ def checkpoint_manager(workdir: str | os.PathLike, keep: int, *, read_only: bool
 def _checkpoint_dir(workdir: str | os.PathLike):
     if fileio.is_remote(workdir):
         return fileio.as_path(workdir) / "checkpoints"
-    return Path(os.path.abspath(fileio.local(workdir))) / "checkpoints"
+    return Path(os.path.abspath(workdir)) / "checkpoints"
 
 
 def restore(mngr, step: int, target: Any, sharding) -> Any:
@@ -364,7 +364,7 @@ def lock(workdir: str | os.PathLike, command: str | None = None) -> Iterator[Non
     if fileio.is_remote(workdir):
         yield
         return
-    folder = Path(os.path.abspath(fileio.local(workdir)))
+    folder = Path(os.path.abspath(workdir))
     folder.mkdir(parents=True, exist_ok=True)
     path = str((folder / LOCK_FILE).resolve())
     if path in _HELD:

@@ -21,9 +21,17 @@ if "SQJAX_TEST_XLA_CACHE" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["SQJAX_TEST_XLA_CACHE"]
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    # Runs that several test files use, trained by the first worker that needs them.
+    os.environ["SQJAX_TEST_SHARED"] = tempfile.mkdtemp(prefix="sqjax-tests-shared-")
     _OWNS_XLA_CACHE = True
 else:
     _OWNS_XLA_CACHE = False
+
+# The persistent cache serves programs holding sqjax's native kernels from one process to
+# the next (sqjax.cpu.native.stable_cache_keys, as the sqjax command sets it), in this
+# process and those it starts (notebook kernels included): every process recompiled its
+# train and embedding programs before.
+os.environ["JAX_REMOVE_CUSTOM_PARTITIONING_PTR_FROM_CACHE_KEY"] = "true"
 
 import jax
 
@@ -40,22 +48,23 @@ import pytest
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
-# The longest test files first (seconds on a 2-core CPU, one process): pyproject's addopts
+# The longest test files first (seconds of test time in a 2-worker run): pyproject's addopts
 # run two xdist workers that take whole files in this order, so the long ones start early
 # and the short ones fill in at the end (in name order, one worker ran the last 8 minutes
 # alone: 27 min in all).
 LONGEST_FIRST = (
-    "test_train.py",  # ~300 s
-    "test_cli.py",  # ~280
-    "test_study.py",  # ~200
-    "test_notebooks.py",  # ~200
-    "test_models.py",  # ~170
-    "test_multihost.py",  # ~140
-    "test_analysis_cascade.py",  # ~130
-    "test_wespeaker.py",  # ~90
-    "test_native.py",  # ~80
-    "test_analysis_layers.py",  # ~70
-    "test_stream.py",  # ~60
+    "test_train.py",  # ~180 s (measured in the suite, both workers busy)
+    "test_cli.py",  # ~170
+    "test_models.py",  # ~165
+    "test_notebooks.py",  # ~145
+    "test_native.py",  # ~140
+    "test_multihost.py",  # ~130
+    "test_wespeaker.py",  # ~100
+    "test_analysis_cascade.py",  # ~90 (trains the shared learned_run)
+    "test_study.py",  # ~85
+    "test_stream.py",  # ~55
+    "test_analysis_layers.py",  # ~50
+    "test_kmeans.py",  # ~50
 )
 
 
@@ -76,6 +85,7 @@ def pytest_unconfigure(config):
         import shutil
 
         shutil.rmtree(os.environ["SQJAX_TEST_XLA_CACHE"], ignore_errors=True)
+        shutil.rmtree(os.environ["SQJAX_TEST_SHARED"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
@@ -124,13 +134,19 @@ LEARNING_OVERRIDES = [
 
 
 @pytest.fixture(scope="session")
-def learned_run(tmp_path_factory):
-    """A small model that learns (tests/test_learning.py), trained once per session:
-    ``(config, workdir, test metrics)``."""
+def learned_run():
+    """A small model that learns (tests/test_learning.py), trained once per test session
+    by the first xdist worker that needs it, the others waiting for it (three test files
+    use it; each worker trained its own, 30-60 s): ``(config, workdir, test metrics)``.
+    Tests only read it."""
+    import fcntl
+    import json
+
     from sqjax import runs
     from sqjax.config import load_config
 
-    root = tmp_path_factory.mktemp("learning")
+    root = Path(os.environ["SQJAX_TEST_SHARED"]) / "learning"
+    root.mkdir(exist_ok=True)
     config = load_config(
         CONFIGS / "tiny.py",
         [
@@ -144,7 +160,12 @@ def learned_run(tmp_path_factory):
         ],
     )
     workdir = root / "run"
-    return config, workdir, runs.train_and_evaluate(config, workdir)
+    with open(root / "fixture.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (workdir / "metrics_test.json").exists():
+            runs.train_and_evaluate(config, workdir)
+        metrics = json.loads((workdir / "metrics_test.json").read_text())
+    return config, workdir, metrics
 
 
 @pytest.fixture(scope="session")

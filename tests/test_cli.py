@@ -196,6 +196,8 @@ def test_expected_errors_print_one_line(trained, tmp_path, capsys):
     code, err = _run_cli(capsys, "eval", "--workdir", str(tmp_path / "nope"))
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("sqjax eval: error: ") and "config.json not found" in err
+    code, err = _run_cli(capsys, "eval", "--workdir", f"file://{tmp_path}/nope")  # made local
+    assert code == 2 and f"is {tmp_path}/nope a sqjax run" in err and "file:" not in err
     config = str(CONFIGS / "tiny.py")
     code, err = _run_cli(
         capsys,
@@ -324,7 +326,9 @@ def test_layers_of_a_run(layers_1bit):
 def test_layers_per_channel_codebooks_distort_less(trained, layers_1bit, capsys):
     workdir, synth_dir, _ = trained
     out = workdir / "layers_pc"
-    argv = ["layers", "--workdir", str(workdir), "--bits", "1", "--protect", "8"]
+    # --protect 4: the 1-bit layers compared below do not depend on it, and per-channel
+    # 8-bit codebooks (256 centroids per output channel) took 25 s of the test to fit.
+    argv = ["layers", "--workdir", str(workdir), "--bits", "1", "--protect", "4"]
     cli.main([*argv, "--per-channel", "--out", str(out), "--speakers", "3"])
     result = json.loads((out / "layer_analysis.json").read_text())
     per_channel = result["widths"]["1bit"]

@@ -52,6 +52,33 @@ def test_paths_and_file_urls(tmp_path):
     assert fileio.join("rel", "a.wav") == str(tmp_path.cwd() / "rel" / "a.wav")
 
 
+def test_file_urls_in_a_config_become_local_paths(tmp_path):
+    """Where a config enters (a config file's overrides, a run's saved config.json), its
+    path settings lose their file:// prefix; other settings and remote URLs are kept."""
+    from pathlib import Path
+
+    from sqjax.config import load_config
+
+    tiny = Path(__file__).parents[1] / "configs" / "tiny.py"
+    c = load_config(
+        tiny,
+        [
+            f"--config.data.train=file://{tmp_path}/train",
+            "--config.data.test=gs://b/test",
+            f"--config.data.augment.noise_dir=file://{tmp_path}/musan",
+            f"--config.quant.init_from=file://{tmp_path}/fp32",
+            "--config.model.name=file://not-a-path",
+        ],
+    )
+    assert c.data.train == f"{tmp_path}/train" and c.data.test == "gs://b/test"
+    assert c.data.augment.noise_dir == f"{tmp_path}/musan"
+    assert c.quant.init_from == f"{tmp_path}/fp32" and c.model.name == "file://not-a-path"
+    saved = {"quant": {"init_from": f"file://{tmp_path}/fp32"}, "data": {"cal": "file:///c"}}
+    workdir.write_json(tmp_path / "run" / "config.json", saved)
+    run = workdir.load_run_config(tmp_path / "run")
+    assert run.quant.init_from == f"{tmp_path}/fp32" and run.data.cal == "/c"
+
+
 def test_remote_corpora_trials_and_audio(s3, tmp_path):
     rng = np.random.default_rng(0)
     waves = {u: rng.normal(size=1600 * (i + 1)).astype(np.float32) for i, u in enumerate("abc")}

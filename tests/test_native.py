@@ -6,6 +6,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import jax
@@ -201,12 +202,24 @@ def test_off_with_the_environment_variable(monkeypatch):
     assert not native.available()
 
 
+def _small_sources(folder, monkeypatch) -> str:
+    """native._build's sources replaced by one small file, so that the tests of where it
+    builds and what it keeps compile in a fraction of a second (the kernels' own build,
+    12-15 s, is test_a_compiler_on_the_path_builds_it's and the vector widths' above)."""
+    folder.mkdir(exist_ok=True)
+    small = folder / "small.cc"
+    small.write_text('extern "C" int sqjax_small() { return 7; }\n')
+    monkeypatch.setattr(native, "SOURCES", (small,))
+    monkeypatch.setattr(native, "HEADERS", ())
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
 @needs_native
 def test_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv("SQJAX_CACHE_DIR", str(tmp_path))
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    monkeypatch.setenv("SQJAX_CACHE_DIR", str(tmp_path / "cache"))
+    compiler = _small_sources(tmp_path / "src", monkeypatch)
     lib = native._build(compiler)
-    assert lib.parent == tmp_path and lib.stat().st_size > 0
+    assert lib.parent == tmp_path / "cache" and ctypes.CDLL(str(lib)).sqjax_small() == 7
     mtime = lib.stat().st_mtime_ns
     assert native._build(compiler) == lib and lib.stat().st_mtime_ns == mtime  # not rebuilt
     broken = tmp_path / "broken.cc"
@@ -214,7 +227,7 @@ def test_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch
     monkeypatch.setattr(native, "SOURCES", (broken,))
     with pytest.raises(RuntimeError, match="failed"):
         native._build(compiler)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([lib.name, broken.name])
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [lib.name]
 
 
 @needs_native
@@ -243,5 +256,62 @@ def test_an_unwritable_cache_dir_falls_back_to_the_temp_dir(tmp_path, monkeypatc
     monkeypatch.setenv("SQJAX_CACHE_DIR", str(blocked / "cache"))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    lib = native._build(shutil.which(os.environ.get("CXX", "g++")))
-    assert lib.parent == tmp_path / "tmp" / "sqjax" and lib.stat().st_size > 0
+    lib = native._build(_small_sources(tmp_path / "src", monkeypatch))
+    assert lib.parent == tmp_path / "tmp" / "sqjax" and ctypes.CDLL(str(lib)).sqjax_small() == 7
+
+
+_CACHED_PROGRAM = """
+import sys
+
+import jax, jax.numpy as jnp
+from sqjax.cpu import native
+native.stable_cache_keys()
+assert native.available()
+relu, pad = sys.argv[1] == "relu", int(sys.argv[2])
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+batch = NamedSharding(Mesh(jax.devices()[:2], ("b",)), P("b"))  # partitioned: 2 devices
+x = jax.device_put(jax.random.normal(jax.random.key(0), (2, 6, 6, 4)), batch)
+w = jax.random.normal(jax.random.key(1), (3, 3, 4, 4))
+def conv_sum(x, w):
+    y = native.conv3x3(x, w, ((pad, 2 - pad), (1, 1)), relu=relu, method="direct")
+    return y, native.conv_kernel_grad(x, y - 1.0, w.shape, (1, 1), ((pad, 2 - pad), (1, 1)))
+y, dw = jax.jit(conv_sum)(x, w)
+print(float(y.sum()), float(dw.sum()))
+"""
+
+
+@needs_native
+def test_programs_holding_the_kernels_are_served_by_the_persistent_cache(tmp_path):
+    """In a program partitioned over devices a custom_partitioning call appears as an
+    object's address, new in each process: without stable_cache_keys every process
+    recompiled them. With it, a second process compiles nothing, and programs differing
+    only in what the address hid (the epilogue's ReLU, the padding: same shapes) still
+    get their own entries and results (native._signature)."""
+    env = {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "JAX_REMOVE_CUSTOM_PARTITIONING_PTR_FROM_CACHE_KEY": "false",  # the code sets it
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+
+    def run(*args):
+        done = subprocess.run(
+            [sys.executable, "-c", _CACHED_PROGRAM, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        entries = {p.name for p in tmp_path.iterdir() if p.name.startswith("jit_conv_sum")}
+        return done.stdout.split(), entries
+
+    first, after_first = run("relu", "1")
+    again, after_again = run("relu", "1")
+    assert again == first and after_again == after_first and len(after_first) == 1
+    plain, after_plain = run("none", "1")  # no ReLU: same shapes, another program
+    shifted, after_shifted = run("relu", "0")  # padding (0, 2) for (1, 1): same shapes
+    assert len(after_plain) == 2 and len(after_shifted) == 3
+    assert len({tuple(first), tuple(plain), tuple(shifted)}) == 3

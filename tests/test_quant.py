@@ -400,12 +400,15 @@ def test_apply_and_update_compile_once():
     qz = quant.kmeans_quantizer(quant.default_rules(2))
     state = qz.init(params)
     chex.clear_trace_counter()
-    apply = jax.jit(chex.assert_max_traces(qz.apply, n=1))
+    # qz.apply is jitted itself: chex counts the traces of a plain function around it.
+    apply = jax.jit(chex.assert_max_traces(lambda p, s: qz.apply(p, s), n=1))
     update = jax.jit(chex.assert_max_traces(qz.update, n=1))
     for seed in range(3):
         p = jax.tree.map(jnp.asarray, _mlp_params(seed))
         state = update(p, state)
         apply(p, state)
+        qz.apply(p, state)  # called eagerly: its own jit, compiled once
+    assert qz.apply._cache_size() == 1
 
 
 def test_update_under_jit_refreshes_like_eager():

@@ -124,6 +124,32 @@ def _build(compiler: str) -> pathlib.Path:
     return out
 
 
+_LIBRARY_KEY = [0]  # 28 bits of the loaded library's hash (its name), for ``_signature``
+
+
+def _signature(*params) -> jax.Array:
+    """A constant operand, ignored by the kernels, that names what a custom call's Python
+    side holds: its parameters (strides, paddings, epilogue) and the kernel library's
+    hash. A ``custom_partitioning`` call appears in the program as its operands and an
+    object's address, which differs in every process, so the persistent compilation cache
+    never served a program holding one (a train step recompiled in every process).
+    ``stable_cache_keys`` drops that address from the cache key; this operand keeps
+    programs whose calls differ in these parameters, or run another build, apart."""
+    return jnp.asarray(np.array([*params, _LIBRARY_KEY[0]], np.int32))
+
+
+def stable_cache_keys() -> None:
+    """Lets the persistent compilation cache serve programs holding these kernels from one
+    process to the next (JAX's ``jax_remove_custom_partitioning_ptr_from_cache_key``).
+    Process-wide: any other ``custom_partitioning`` call in the process must then differ
+    in its operands where its partitioning differs, as these do (``_signature``). The
+    ``sqjax`` command sets it; a program of your own may call it on the same terms."""
+    try:
+        jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", True)
+    except AttributeError:  # a jax without the option: programs recompile, as before
+        log.info("sqjax: this jax cannot drop custom calls' addresses from cache keys")
+
+
 def available() -> bool:
     """Whether the native kernel is built and registered with XLA:CPU: False with
     ``SQJAX_NATIVE=0``, else built on the first call (False, with one log line saying why,
@@ -142,7 +168,9 @@ def _load() -> bool:
         )
         return False
     try:
-        lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+        path = _build(compiler)
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        _LIBRARY_KEY[0] = int(path.stem.rsplit("-", 1)[1][:7], 16)
         for target, symbol in ((TARGET, lib.SqjaxConvKernelGrad),
                                (WINOGRAD_TARGET, lib.SqjaxConv3x3Winograd),
                                (DIRECT_TARGET, lib.SqjaxConv3x3Direct)):  # fmt: skip
@@ -165,12 +193,14 @@ def conv_kernel_grad(
     only (needs ``available()``). The high paddings are implied by ``dy``'s shape. On a
     batch sharded over devices each computes its shard's sum, then they are added up
     (``psum``); other dimensions are gathered first."""
-    return _partitioned(tuple(kernel_shape), tuple(strides), tuple(map(tuple, padding)))(x, dy)
+    kernel_shape, strides, padding = tuple(kernel_shape), tuple(strides), tuple(map(tuple, padding))
+    tag = _signature(*kernel_shape, *strides, *padding[0], *padding[1])
+    return _partitioned(kernel_shape, strides, padding)(x, dy, tag)
 
 
 @functools.cache
 def _partitioned(kernel_shape, strides, padding):
-    def call(x, dy):
+    def call(x, dy, tag):  # tag: _signature's operand, not read
         return jax.ffi.ffi_call(
             TARGET, jax.ShapeDtypeStruct(kernel_shape, jnp.float32), vmap_method="sequential"
         )(
@@ -185,21 +215,21 @@ def _partitioned(kernel_shape, strides, padding):
     def partition(mesh, arg_shapes, result_shape):
         spec = arg_shapes[0].sharding.spec
         batch = spec[0] if len(spec) else None  # the mesh axis (or axes) of the batch
-        operands = NamedSharding(mesh, P(batch))
+        operands, replicated = NamedSharding(mesh, P(batch)), NamedSharding(mesh, P())
 
-        def per_shard(x, dy):
-            dw = call(x, dy)
+        def per_shard(x, dy, tag):
+            dw = call(x, dy, tag)
             return jax.lax.psum(dw, batch) if batch is not None else dw
 
-        return mesh, per_shard, NamedSharding(mesh, P()), (operands, operands)
+        return mesh, per_shard, replicated, (operands, operands, replicated)
 
     f = custom_partitioning(call)
     f.def_partition(
         partition,
         infer_sharding_from_operands=lambda mesh, *_: NamedSharding(mesh, P()),
-        sharding_rule="b h w c, b i j o -> k l c o",
+        sharding_rule="b h w c, b i j o, t -> k l c o",
         reduction_factors=("b",),
-        need_replication_factors=("h", "w", "c", "i", "j", "o"),  # in the rule's order
+        need_replication_factors=("h", "w", "c", "i", "j", "o", "t"),  # in the rule's order
     )
     return _vmappable(f)
 
@@ -256,8 +286,10 @@ def conv3x3(
         # the kernel twice, 12% of ResNet34's embedding time)
         gg = _GG if tile == 2 else _GG4
         kernel = (jnp.asarray(gg) @ kernel.reshape(9, -1)).reshape(len(gg), *kernel.shape[2:])
-    call = _conv3x3(method, tuple(map(tuple, padding)), bool(relu), residual is not None)
-    return call(x, kernel, bias) if residual is None else call(x, kernel, bias, residual)
+    padding = tuple(map(tuple, padding))
+    call = _conv3x3(method, padding, bool(relu), residual is not None)
+    tag = _signature(method == "winograd", tile, *padding[0], *padding[1], bool(relu))
+    return call(x, kernel, bias, tag) if residual is None else call(x, kernel, bias, tag, residual)
 
 
 @functools.cache
@@ -265,7 +297,7 @@ def _conv3x3(method, padding, relu, has_residual):
     (ph, ph_hi), (pw, pw_hi) = padding
     target = WINOGRAD_TARGET if method == "winograd" else DIRECT_TARGET
 
-    def call(x, kernel, bias, *residual):
+    def call(x, kernel, bias, tag, *residual):  # tag: _signature's operand, not read
         n, h, w, _ = x.shape
         shape = (n, h + ph + ph_hi - 2, w + pw + pw_hi - 2, kernel.shape[-1])
         res = residual[0] if residual else jnp.zeros((0,), jnp.float32)
@@ -279,10 +311,11 @@ def _conv3x3(method, padding, relu, has_residual):
 
     def partition(mesh, arg_shapes, result_shape):
         batch, replicated = batch_of(mesh, arg_shapes), NamedSharding(mesh, P())
-        return mesh, call, batch, (batch, replicated, replicated, batch)[: len(arg_shapes)]
+        operands = (batch, replicated, replicated, replicated, batch)
+        return mesh, call, batch, operands[: len(arg_shapes)]
 
     weights = "e c k" if method == "winograd" else "kh kw c k"
-    rule = f"b h w c, {weights}, k" + (", b i j k" if has_residual else "") + " -> b i j k"
+    rule = f"b h w c, {weights}, k, t" + (", b i j k" if has_residual else "") + " -> b i j k"
     f = custom_partitioning(call)
     factors = rule.replace(",", " ").replace("->", " ").split()
     f.def_partition(
