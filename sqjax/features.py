@@ -321,18 +321,25 @@ def extract_features(
         (utt, path, cache_dir, params, min_seconds)
         for utt, path in zip(corpus.utts, corpus.paths, strict=True)
     ]
+    # A pool only for what the cache lacks: cached features are read here (a pool started
+    # for a fully cached split cost its workers' start-up, every run).
+    todo = range(len(jobs))
+    if workers > 1 and cache_dir is not None:
+        cached = lambda utt, path: os.path.exists(_cache_file(cache_dir, utt, path, params))
+        todo = [i for i, (utt, path, *_) in enumerate(jobs) if not cached(utt, path)]
+    out = [None] * len(jobs)
     bar = tqdm(total=len(jobs), unit="utt", desc="features", disable=not progress)
-    out = []
     with bar:
-        if workers > 1:
+        if workers > 1 and len(todo) > 1:
             with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                # imap keeps corpus order; chunks amortise the inter-process overhead.
-                chunk = max(1, min(64, len(jobs) // (4 * workers)))
-                for feats in pool.imap(_one_utterance, jobs, chunksize=chunk):
-                    out.append(feats)
+                # chunks amortise the inter-process overhead
+                chunk = max(1, min(64, len(todo) // (4 * workers)))
+                computed = pool.imap(_one_utterance, [jobs[i] for i in todo], chunksize=chunk)
+                for i, feats in zip(todo, computed, strict=True):
+                    out[i] = feats
                     bar.update()
-        else:
-            for job in jobs:
-                out.append(_one_utterance(job))
+        for i, job in enumerate(jobs):
+            if out[i] is None:
+                out[i] = _one_utterance(job)
                 bar.update()
     return out

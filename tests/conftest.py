@@ -51,11 +51,13 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 # The longest test files first (seconds of test time in a 2-worker run): pyproject's addopts
 # run two xdist workers that take whole files in this order, so the long ones start early
 # and the short ones fill in at the end (in name order, one worker ran the last 8 minutes
-# alone: 27 min in all).
+# alone: 27 min in all). xdist starts each worker on two files, the 1st and 3rd to one,
+# the 2nd and 4th to the other: test_cli runs after test_train on one worker, so the tiny
+# run's programs are compiled once (then cached), not by both workers at once.
 LONGEST_FIRST = (
     "test_train.py",  # ~180 s (measured in the suite, both workers busy)
-    "test_cli.py",  # ~170
     "test_models.py",  # ~165
+    "test_cli.py",  # ~170
     "test_notebooks.py",  # ~145
     "test_native.py",  # ~140
     "test_multihost.py",  # ~130

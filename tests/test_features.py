@@ -112,6 +112,13 @@ def test_workers_give_the_same_features(corpus, tmp_path):
     for a, b, c in zip(serial, parallel, cached, strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
+    # Half the cache deleted: the pool computes those, the rest is read here, in order.
+    for npy in _npys(cache)[::2]:
+        os.remove(npy)
+    mixed = features.extract_features(corpus, workers=2, cache_dir=cache, progress=False)
+    assert len(_npys(cache)) == len(corpus)
+    for a, b in zip(serial, mixed, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_errors_in_workers_name_the_file(corpus):
